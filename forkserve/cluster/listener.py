@@ -1,0 +1,287 @@
+"""``Listener``: what ``cluster.listen`` returns.
+
+Workers see one Listener whatever the scheduling policy:
+
+- ``own``/``shared``: a real listening socket (the worker's own, or the
+  primary's shared one); ``accept()`` accepts on it.
+- ``rr``: connections arrive from the primary over the IPC channel and wait
+  in a queue; ``accept()`` takes the next one and acknowledges it, which
+  tells the primary this worker is free again.
+
+``fileno()`` is an epoll descriptor that is readable when the socket (or the
+queue) has a connection *or* the cluster channel has a message, so a worker
+that selects on its listeners also notices a disconnect. After such a wake-up
+``accept()`` on a non-blocking listener processes the channel and raises
+``BlockingIOError`` if no connection is there: the same contract as a shared
+socket raced by several workers.
+
+Imports nothing from forkserve outside this package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import select
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .child import Child
+
+
+def _closed_error() -> OSError:
+    return OSError(errno.EBADF, "listener is closed")
+
+
+class ListenerServer:
+    """What ``Listener.serve`` returns: ``close()`` and ``await wait_closed()``."""
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        self._server: asyncio.base_events.Server | None = None
+        self._started: asyncio.Future[None] | None = None
+
+    def close(self) -> None:
+        self._listener.close()
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        if self._started is not None and not self._started.done():
+            await asyncio.wait([self._started], timeout=None)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    @property
+    def listener(self) -> Listener:
+        return self._listener
+
+
+class Listener:
+    """A listening endpoint of the cluster. See the module docstring."""
+
+    def __init__(
+        self,
+        mode: str,
+        address: dict[str, Any],
+        *,
+        sock: socket.socket | None = None,
+        child: Child | None = None,
+        key: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.mode = mode
+        self.address = address
+        self._sock = sock
+        self._child = child
+        self.key = key
+        self._loop = loop
+        self.closed = False
+        self._blocking = True
+        self._queue: deque[tuple[socket.socket, int]] = deque()
+        self._eventfd = -1
+        self._epoll: select.epoll | None = None
+        self._waiters: deque[asyncio.Future[tuple[socket.socket, Any]]] = deque()
+        self._serve_cb: Callable[..., Any] | None = None
+        self._conn_tasks: set[asyncio.Task[Any]] = set()
+        self._on_close: list[Callable[[], None]] = []
+        if mode == "rr":
+            self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    # -- socket-like surface ------------------------------------------------
+
+    @property
+    def raw_socket(self) -> socket.socket | None:
+        """The real listening socket (None under round robin)."""
+        return self._sock
+
+    def getsockname(self) -> Any:
+        if self._sock is not None and not self.closed:
+            return self._sock.getsockname()
+        if self.address["port"] is None:
+            return self.address["address"]
+        return (self.address["address"], self.address["port"])
+
+    def setblocking(self, flag: bool) -> None:
+        self._blocking = flag
+        if self._sock is not None and not self.closed:
+            self._sock.setblocking(flag)
+
+    def fileno(self) -> int:
+        """Readable when ``accept()`` has something to do; usable with selectors."""
+        if self.closed:
+            return -1
+        if self._epoll is None:
+            ep = select.epoll()
+            ep.register(
+                self._sock.fileno() if self._sock is not None else self._eventfd, select.EPOLLIN
+            )
+            if self._child is not None and self._child.connected:
+                ep.register(self._child.channel_fd, select.EPOLLIN)
+            self._epoll = ep
+        return self._epoll.fileno()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        """Take the next connection; blocks unless ``setblocking(False)``."""
+        child = self._child
+        while True:
+            if child is not None:
+                child.poll()
+            if self.closed:
+                raise _closed_error()
+            if self.mode != "rr":
+                assert self._sock is not None
+                return self._sock.accept()
+            if self._queue:
+                return self._take()
+            if not self._blocking:
+                raise BlockingIOError(errno.EAGAIN, "no connection waiting")
+            assert child is not None
+            if not child.wait_readable(None):
+                raise _closed_error()
+
+    def close(self) -> None:
+        """Stop listening; under round robin, waiting connections go back to the primary."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._sock is not None:
+            self._sock.close()
+        while self._queue:
+            conn, token = self._queue.popleft()
+            conn.close()
+            if self._child is not None:
+                self._child.ack(self.key or "", token, accepted=False)
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        if self._eventfd >= 0:
+            os.close(self._eventfd)
+            self._eventfd = -1
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(_closed_error())
+        self._waiters.clear()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.mode} {self.address} closed={self.closed}>"
+
+    # -- asyncio ------------------------------------------------------------
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is not None:
+            return self._loop
+        return asyncio.get_running_loop()
+
+    async def accept_async(self) -> tuple[socket.socket, Any]:
+        """Await the next connection on the cluster's loop."""
+        if self.closed:
+            raise _closed_error()
+        if self.mode != "rr":
+            assert self._sock is not None
+            self._sock.setblocking(False)
+            conn, addr = await asyncio.get_running_loop().sock_accept(self._sock)
+            return conn, addr
+        if self._queue:
+            return self._take()
+        waiter: asyncio.Future[tuple[socket.socket, Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiters.append(waiter)
+        return await waiter
+
+    def serve(self, client_connected_cb: Callable[..., Any]) -> ListenerServer:
+        """Serve like ``asyncio.start_server`` on the cluster's loop (at once if it runs)."""
+        if self.closed:
+            raise _closed_error()
+        loop = self._get_loop()
+        server = ListenerServer(self)
+        if self.mode == "rr":
+            self._serve_cb = client_connected_cb
+            while self._queue:
+                self._start_conn(*self._take())
+            return server
+        assert self._sock is not None
+        self._sock.setblocking(False)
+
+        async def start() -> None:
+            server._server = await asyncio.start_server(client_connected_cb, sock=self._sock)
+
+        task = loop.create_task(start())
+        server._started = task
+        return server
+
+    # -- round robin (called by the child role) -----------------------------
+
+    def _deliver(self, conn: socket.socket, token: int) -> None:
+        """A connection arrived from the primary for this listener."""
+        if self._serve_cb is not None:
+            self._child_ack(token)
+            self._start_conn(conn, _peer(conn))
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._child_ack(token)
+                waiter.set_result((conn, _peer(conn)))
+                return
+        self._queue.append((conn, token))
+        if len(self._queue) == 1:
+            os.eventfd_write(self._eventfd, 1)
+
+    def _take(self) -> tuple[socket.socket, Any]:
+        conn, token = self._queue.popleft()
+        if not self._queue:
+            try:
+                os.eventfd_read(self._eventfd)
+            except BlockingIOError:
+                pass
+        self._child_ack(token)
+        conn.setblocking(True)
+        return conn, _peer(conn)
+
+    def _child_ack(self, token: int) -> None:
+        if self._child is not None:
+            self._child.ack(self.key or "", token, accepted=True)
+
+    def _start_conn(self, conn: socket.socket, addr: Any) -> None:
+        cb = self._serve_cb
+        assert cb is not None
+
+        async def run() -> None:
+            reader, writer = await asyncio.open_connection(sock=conn)
+            result = cb(reader, writer)
+            if asyncio.iscoroutine(result):
+                await result
+
+        task = self._get_loop().create_task(run())
+        self._conn_tasks.add(task)
+        task.add_done_callback(self._conn_tasks.discard)
+
+    def _channel_gone(self) -> None:
+        """The cluster channel closed: stop watching it."""
+        if self._epoll is not None and self._child is not None:
+            try:
+                self._epoll.unregister(self._child.channel_fd)
+            except (OSError, ValueError):
+                pass
+
+
+def _peer(conn: socket.socket) -> Any:
+    try:
+        return conn.getpeername()
+    except OSError:
+        return None
