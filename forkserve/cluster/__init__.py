@@ -15,7 +15,7 @@ import os
 import sys
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .child import Child, WorkerProcess, from_environment
 from .events import EventEmitter
@@ -25,7 +25,7 @@ from .primary import SCHED_NONE, SCHED_RR, Primary
 from .round_robin import RoundRobinHandle, RoundRobinQueue
 from .shared_handle import SharedHandle
 from .starter import WORKER_ID_ENV, ChildProcess, ExecStarter, ForkStarter
-from .worker import State, Worker
+from .worker_object import State, Worker
 
 __all__ = [
     "SCHED_NONE",
@@ -61,6 +61,18 @@ __all__ = [
 ]
 
 _role: Primary | Child | None = None
+
+if TYPE_CHECKING:
+    # Role-dependent attributes, served by ``_ClusterModule`` properties at run time.
+    is_primary: bool
+    is_master: bool
+    is_worker: bool
+    workers: dict[int, Worker] | None
+    worker: Worker | None
+    settings: Mapping[str, Any]
+    scheduling_policy: int
+    primary: Primary
+    loop: Any
 
 
 def _get_role() -> Primary | Child:

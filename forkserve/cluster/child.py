@@ -32,7 +32,7 @@ from .address import describe_target
 from .events import EventEmitter
 from .ipc import SERIALIZATIONS, Channel, ChannelClosed, Kind, is_connection, socket_from_fd
 from .listener import Listener
-from .worker import State, Worker, signal_number
+from .worker_object import State, Worker, signal_number
 
 
 class WorkerProcess:

@@ -53,7 +53,7 @@ from .starter import (
     ExecStarter,
     Starter,
 )
-from .worker import State, Worker, signal_number
+from .worker_object import State, Worker, signal_number
 
 SCHED_NONE = 1
 SCHED_RR = 2
@@ -124,7 +124,7 @@ class Primary(EventEmitter):
         self._ids = 0
         self._records: dict[int, _Record] = {}
         self._handles: dict[str, Handle] = {}
-        self._live: set[int] = set()
+        self._live: dict[int, Worker] = {}
         self._disconnect_callbacks: list[Callable[[], Any]] = []
         self._idle: asyncio.Event | None = None
         self.max_pending = 0
@@ -225,7 +225,7 @@ class Primary(EventEmitter):
         worker._loop = self.loop
         self._records[worker_id] = record
         self.workers[worker_id] = worker
-        self._live.add(worker_id)
+        self._live[worker_id] = worker
         channel.on_write_pending = lambda: self._want_write(worker_id)
         self.loop.add_reader(channel.fileno(), self._on_readable, worker)
         record.pidfd = os.pidfd_open(process.pid)
@@ -456,7 +456,7 @@ class Primary(EventEmitter):
         if record is None or not (record.disconnect_emitted and record.exit_emitted):
             return
         del self._records[worker.id]
-        self._live.discard(worker.id)
+        self._live.pop(worker.id, None)
         self.loop.call_soon(self._check_idle)
 
     def _check_idle(self) -> None:
@@ -557,6 +557,10 @@ class Primary(EventEmitter):
             raise RuntimeError("cluster.run() called while the cluster loop is running")
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.wait_idle())
+
+    def live_workers(self) -> list[Worker]:
+        """Workers whose ``'disconnect'`` and ``'exit'`` have not both been emitted."""
+        return list(self._live.values())
 
     @property
     def handles(self) -> Mapping[str, Handle]:

@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Protocol
 
-from .worker import signal_name, signal_number
+from .worker_object import signal_name, signal_number
 
 CHANNEL_FD_ENV = "FORKSERVE_CHANNEL_FD"
 WORKER_ID_ENV = "FORKSERVE_WORKER_ID"

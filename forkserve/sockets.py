@@ -1,0 +1,88 @@
+"""Opening the server's listeners from ``--bind`` values.
+
+The arbiter binds every address before any worker starts, so an address in
+use or a bad path is one clear error and a non-zero exit, not a fork storm.
+Workers then ask the cluster for these sockets by their descriptor in the
+primary (``cluster.listen({'fd': n})``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from forkserve.cluster import address as cluster_address
+from forkserve.errors import BindError
+
+HINTS = {
+    errno.EADDRINUSE: "address already in use; is another server running?",
+    errno.EACCES: "permission denied; ports below 1024 need privileges",
+    errno.EADDRNOTAVAIL: "address not available on this machine",
+}
+
+
+@dataclass(slots=True)
+class BoundSocket:
+    name: str  # as the user wrote it
+    sock: socket.socket
+    unix_path: str | None = None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self, unlink: bool = True) -> None:
+        self.sock.close()
+        if unlink and self.unix_path:
+            try:
+                if stat.S_ISSOCK(os.stat(self.unix_path).st_mode):
+                    os.unlink(self.unix_path)
+            except OSError:
+                pass
+
+
+def open_bind(bind: str, *, backlog: int, unix_mode: int = 0o660) -> BoundSocket:
+    """Bind and listen on one ``--bind`` value; BindError says what and why."""
+    try:
+        addr = cluster_address.parse(bind)
+    except ValueError as exc:
+        raise BindError(f"bind {bind}: {exc}") from None
+    try:
+        sock = cluster_address.open_socket(addr, backlog=backlog)
+    except OSError as exc:
+        reason = HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+        raise BindError(f"bind {bind}: {reason}") from None
+    if addr.kind == "fd" and sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise BindError(f"bind {bind}: descriptor is not a stream socket")
+    if addr.kind == "unix" and addr.path:
+        try:
+            os.chmod(addr.path, unix_mode)
+        except OSError as exc:
+            sock.close()
+            raise BindError(f"bind {bind}: cannot set mode: {exc.strerror}") from None
+    sock.set_inheritable(False)
+    return BoundSocket(bind, sock, addr.path if addr.kind == "unix" else None)
+
+
+def open_binds(
+    binds: tuple[str, ...] | list[str], *, backlog: int, unix_mode: int
+) -> list[BoundSocket]:
+    opened: list[BoundSocket] = []
+    try:
+        for bind in binds:
+            opened.append(open_bind(bind, backlog=backlog, unix_mode=unix_mode))
+    except BindError:
+        for item in opened:
+            item.close()
+        raise
+    return opened
+
+
+def describe(bound: BoundSocket) -> str:
+    if bound.unix_path:
+        return f"unix:{bound.unix_path}"
+    host, port = bound.sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,112 @@
+"""The sync worker: one request at a time, blocking I/O, the lightest class.
+
+The serve loop selects on the listeners (which also wake for cluster
+messages) and the signal wakeup pipe, takes one connection, and serves the
+requests the client has already sent (pipelining) before closing it: an idle
+keep-alive client never holds the worker. The request-head deadline keeps a
+slow client from holding it either.
+
+Works unchanged under both scheduling policies: under round robin,
+``Listener.accept()`` takes a connection the primary handed over and
+acknowledges it, which tells the primary this worker is free again.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import selectors
+import socket
+from typing import Any
+
+from forkserve.http.wsgi import WSGIConnection
+
+from .base import LOG, WorkerBase
+
+
+class SyncWorker(WorkerBase):
+    name = "sync"
+    multithread = False
+
+    def run(self) -> int:
+        self.init_signals()
+        options = self.http_options()
+        extra = self.extra_environ()
+        selector = selectors.DefaultSelector()
+        for listener in self.listeners:
+            listener.setblocking(False)
+            selector.register(listener.fileno(), selectors.EVENT_READ, listener)
+        selector.register(self.wakeup_fd, selectors.EVENT_READ, None)
+        try:
+            while self.alive:
+                open_listeners = [item for item in self.listeners if not item.closed]
+                if not open_listeners:
+                    break
+                for key, _ in selector.select():
+                    listener = key.data
+                    if listener is None:
+                        self.drain_wakeup()
+                        continue
+                    if not self.alive:
+                        break
+                    try:
+                        conn, addr = listener.accept()
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        if listener.closed:
+                            _unregister(selector, key.fd)
+                            continue
+                        if exc.errno in (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE):
+                            continue
+                        raise
+                    self.serve_connection(conn, addr, listener, options, extra)
+        finally:
+            selector.close()
+        if not self.fast_exit:
+            self.leave()
+        return 0
+
+    def serve_connection(
+        self,
+        conn: socket.socket,
+        addr: Any,
+        listener: Any,
+        options: Any,
+        extra: dict[str, Any],
+    ) -> None:
+        try:
+            conn.setblocking(True)
+            transport = self.prepare_connection(conn)
+            try:
+                server = listener.getsockname()
+            except OSError:
+                server = None
+            connection = WSGIConnection(transport, self.app, options, addr, server, extra)
+            while True:
+                served = connection.requests_served
+                keep = connection.handle_request()
+                if connection.requests_served != served:
+                    self.count_request()
+                if not keep or not self.alive:
+                    break
+                if connection.has_pending_data:
+                    continue
+                # Serve what the client already sent; never wait on an idle one.
+                ready, _, _ = select.select([conn], [], [], 0)
+                if not ready:
+                    break
+        except OSError as exc:
+            LOG.debug("connection from %s ended: %s", addr, exc)
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def _unregister(selector: selectors.BaseSelector, fd: int) -> None:
+    try:
+        selector.unregister(fd)
+    except (KeyError, ValueError):
+        pass
