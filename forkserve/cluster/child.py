@@ -86,6 +86,30 @@ class Child(EventEmitter):
         self.loop.add_reader(self.channel_fd, self.poll)
         self._send_internal({"act": "online"})
 
+    def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Move the cluster onto ``loop`` (e.g. uvloop) before it runs.
+
+        The channel reader, event handlers and listeners follow; the old loop
+        is closed.
+        """
+        old = self.loop
+        if old is loop:
+            return
+        if old.is_running():
+            raise RuntimeError("attach_loop() needs the current cluster loop to be stopped")
+        if self.connected:
+            old.remove_reader(self.channel_fd)
+        if self._writer_registered:
+            old.remove_writer(self.channel_fd)
+            self._writer_registered = False
+        self.loop = self._loop = self.worker._loop = loop
+        for listener in self._listeners.values():
+            listener._loop = loop
+        asyncio.set_event_loop(loop)
+        if self.connected:
+            loop.add_reader(self.channel_fd, self.poll)
+        old.close()
+
     # -- state ----------------------------------------------------------------
 
     @property
