@@ -14,62 +14,31 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-APPS = Path(__file__).resolve().parent / "apps"
+from tests.helpers import APPS, ROOT, children_of, free_port, pid_alive, wait_for
+
 FORKSERVE = [sys.executable, "-m", "forkserve"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct child pids of ``pid`` (from /proc)."""
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as fh:
-                out.extend(int(x) for x in fh.read().split())
-    return out
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class Server:
     """A running forkserve process group."""
 
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.args = args
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             args,
             env=env,
@@ -78,6 +47,7 @@ class Server:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
         self.host = "127.0.0.1"
         self.port = 0
@@ -127,7 +97,9 @@ class Server:
     def ready(self, timeout: float = 15.0, workers: int | None = None) -> Server:
         def answers() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"forkserve exited early ({self.proc.returncode}):\n{self.output}")
+                raise RuntimeError(
+                    f"forkserve exited early ({self.proc.returncode}):\n{self.output}"
+                )
             try:
                 reply = self.get("/", timeout=2.0)
             except OSError:
@@ -173,9 +145,12 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[.
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         workers: int | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> Server:
         full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join([str(APPS), str(ROOT), full_env.get("PYTHONPATH", "")])
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(APPS), str(ROOT), full_env.get("PYTHONPATH", "")]
+        )
         full_env.pop("WEB_CONCURRENCY", None)
         full_env.update(env or {})
         argv = list(FORKSERVE)
@@ -189,11 +164,14 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[.
         elif bind.startswith("unix:"):
             unix_path = bind[5:]
             argv += ["-b", bind]
+        elif bind.startswith("fd://"):
+            argv += ["-b", bind]
         elif bind != "none":
             argv += ["-b", bind]
             port = int(bind.rsplit(":", 1)[1])
         argv += list(args)
-        server = Server(argv, full_env, cwd or ROOT, tmp_path / f"server-{len(servers)}.log")
+        log_path = tmp_path / f"server-{len(servers)}.log"
+        server = Server(argv, full_env, cwd or ROOT, log_path, pass_fds)
         server.port = port
         server.unix_path = unix_path
         servers.append(server)

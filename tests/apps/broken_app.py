@@ -1,0 +1,3 @@
+"""An application module whose import fails."""
+
+raise RuntimeError("this app cannot start")

@@ -1,0 +1,59 @@
+"""WSGI applications used by the server's process tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+StartResponse = Callable[..., Any]
+
+
+def hello(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    body = b"Hello, world!"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    """A router over small behaviours the tests need."""
+    path = environ["PATH_INFO"]
+    if path == "/pid":
+        body = str(os.getpid()).encode()
+    elif path == "/sleep":
+        time.sleep(float(environ.get("QUERY_STRING") or "0.5"))
+        body = b"slept"
+    elif path == "/crash":
+        os._exit(1)
+    elif path == "/raise":
+        raise RuntimeError("boom")
+    elif path == "/env":
+        keep = {k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple))}
+        body = json.dumps(keep, default=str).encode()
+    elif path == "/echo":
+        body = environ["wsgi.input"].read()
+    else:
+        body = b"Hello, world!"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def factory(greeting: str = "hi") -> Callable[..., Iterable[bytes]]:
+    def inner(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        body = greeting.encode()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    return inner
+
+
+LOADED_IN = os.getpid()
+
+
+def loaded_in(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    """Answers the pid that imported this module (the primary under --preload)."""
+    body = f"{LOADED_IN} {os.getpid()}".encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]

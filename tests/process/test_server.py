@@ -1,0 +1,309 @@
+"""The server as a user runs it: command line, binds, lifecycle, restarts, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, free_port, pid_alive, wait_for
+
+POLICIES = ["rr", "none"]
+PARSERS = ["httptools", "h11"]
+
+
+def body_of(reply: bytes) -> bytes:
+    return reply.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+@pytest.mark.parametrize("http", PARSERS)
+def test_serves_hello_with_date_and_server_headers(serve, sched: str, http: str) -> None:
+    server = serve("wsgi_apps:hello", "-w", "2", "--sched", sched, "--http", http)
+    reply = server.get("/")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"\r\nServer: forkserve" in head
+    assert b"\r\nDate: " in head
+    assert body == b"Hello, world!"
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_every_bind_is_served_by_every_worker(serve, tmp_path: Path, sched: str) -> None:
+    port2 = free_port()
+    path = str(tmp_path / "s.sock")
+    server = serve(
+        "wsgi_apps:app",
+        "-w",
+        "2",
+        "--sched",
+        sched,
+        "-b",
+        f"127.0.0.1:{port2}",
+        "-b",
+        f"unix:{path}",
+    )
+    pids: set[bytes] = set()
+    for _ in range(40):
+        pids.add(body_of(server.get("/pid")))
+    assert len(pids) == 2, "both workers serve the first bind"
+    with socket.create_connection(("127.0.0.1", port2), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o660)
+
+
+def test_ipv6_bind(serve) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        port = free_port("::1")
+    except OSError:
+        pytest.skip("no ::1")
+    server = serve("wsgi_apps:hello", bind=f"[::1]:{port}", ready=False)
+    server.host = "::1"
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("::1", port), timeout=2) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return sock.recv(100).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    wait_for(answers, 15)
+
+
+def test_fd_bind_uses_an_inherited_socket(serve) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+    server = serve(
+        "wsgi_apps:hello", bind=f"fd://{sock.fileno()}", ready=False, pass_fds=(sock.fileno(),)
+    )
+    sock.close()
+    server.port = port
+    server.ready()
+
+
+def test_stale_unix_socket_is_replaced_and_live_one_refused(serve, tmp_path: Path) -> None:
+    path = tmp_path / "app.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    first = serve("wsgi_apps:hello", bind=f"unix:{path}")
+    assert first.get("/").startswith(b"HTTP/1.1 200")
+    second = serve("wsgi_apps:hello", bind=f"unix:{path}", ready=False)
+    assert second.wait(15) == 1
+    assert "address already in use" in second.output
+    assert "Traceback" not in second.output
+    assert first.get("/").startswith(b"HTTP/1.1 200"), "the live server is untouched"
+
+
+def test_address_in_use_is_one_clear_line_and_no_workers(serve) -> None:
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        server = serve("wsgi_apps:hello", bind=f"127.0.0.1:{port}", ready=False)
+        assert server.wait(15) == 1
+        out = server.output
+        assert f"bind 127.0.0.1:{port}: address already in use; is another server running?" in out
+        assert "Traceback" not in out
+        assert "worker" not in out.lower()
+    finally:
+        holder.close()
+
+
+def test_unimportable_module_exits_1_with_one_line(serve) -> None:
+    server = serve("no_such_module:app", ready=False)
+    assert server.wait(15) == 1
+    out = server.output.strip()
+    assert "no_such_module" in out
+    assert "Traceback" not in out
+    assert len(out.splitlines()) == 1
+
+
+def test_app_failing_at_import_stops_the_primary_with_the_error_once(serve) -> None:
+    server = serve("broken_app:app", "-w", "3", ready=False)
+    assert server.wait(20) == 1
+    out = server.output
+    assert out.count("this app cannot start") == 1, out
+    assert "Traceback" not in out
+
+
+def test_not_a_wsgi_app_is_refused(serve) -> None:
+    server = serve("wsgi_apps:LOADED_IN", ready=False)
+    assert server.wait(20) == 1
+    assert "not a WSGI or ASGI application" in server.output
+
+
+@pytest.mark.parametrize(
+    ("spec", "extra", "expected"),
+    [("wsgi_apps:factory('yo')", (), b"yo"), ("wsgi_apps:factory", ("--factory",), b"hi")],
+)
+def test_factories(serve, spec: str, extra: tuple[str, ...], expected: bytes) -> None:
+    server = serve(spec, *extra)
+    assert body_of(server.get("/")) == expected
+
+
+def test_preload_imports_the_app_once_in_the_primary(serve) -> None:
+    server = serve("wsgi_apps:loaded_in", "-w", "2", "--preload")
+    loaded, worker = body_of(server.get("/")).split()
+    assert int(loaded) == server.pid
+    assert int(worker) != server.pid
+
+
+def test_without_preload_each_worker_imports_the_app(serve) -> None:
+    server = serve("wsgi_apps:loaded_in", "-w", "2")
+    loaded, worker = body_of(server.get("/")).split()
+    assert loaded == worker
+
+
+def test_web_concurrency_sets_the_worker_count(serve) -> None:
+    server = serve("wsgi_apps:hello", env={"WEB_CONCURRENCY": "3"}, ready=False)
+    server.ready(workers=3)
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_a_crashed_worker_is_replaced(serve, sched: str) -> None:
+    server = serve("wsgi_apps:app", "-w", "1", "--sched", sched, workers=1)
+    (old,) = server.workers()
+    server.get("/crash")
+    wait_for(lambda: server.workers() and server.workers() != [old], 10)
+    assert server.get("/").startswith(b"HTTP/1.1 200")
+    assert "restarting" in server.output
+
+
+def test_sigkill_of_a_worker_is_replaced_quickly(serve) -> None:
+    server = serve("wsgi_apps:app", "-w", "2", "--preload", workers=2)
+    victim = server.workers()[0]
+    os.kill(victim, signal.SIGKILL)
+    started = time.monotonic()
+    wait_for(lambda: victim not in server.workers() and len(server.workers()) == 2, 10)
+    assert time.monotonic() - started < 5
+    for _ in range(5):
+        assert server.get("/").startswith(b"HTTP/1.1 200")
+
+
+def test_max_requests_recycles_the_worker(serve) -> None:
+    server = serve("wsgi_apps:app", "-w", "1", "--max-requests", "3", workers=1)
+    first = {body_of(server.get("/pid")) for _ in range(2)}
+    wait_for(lambda: body_of(server.get("/pid")) not in first, 10)
+    assert "recycling" in server.output
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_sigterm_finishes_in_flight_requests_and_exits_0(serve, sched: str) -> None:
+    server = serve("wsgi_apps:app", "-w", "1", "--sched", sched, workers=1)
+    sock = server.connect(10)
+    sock.sendall(b"GET /sleep?1.0 HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)  # let the worker start the request before the signal
+    server.signal(signal.SIGTERM)
+    reply = b""
+    while b"slept" not in reply:
+        chunk = sock.recv(1000)
+        if not chunk:
+            break
+        reply += chunk
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"slept")
+    assert server.wait(15) == 0
+
+
+def test_graceful_timeout_kills_a_stuck_worker(serve) -> None:
+    server = serve("wsgi_apps:app", "-w", "1", "--graceful-timeout", "1", workers=1)
+    sock = server.connect(10)
+    sock.sendall(b"GET /sleep?30 HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+    assert time.monotonic() - started < 8
+    sock.close()
+
+
+def test_ctrl_c_leaves_no_process_behind(serve) -> None:
+    server = serve("wsgi_apps:app", "-w", "3", workers=3)
+    workers = server.workers()
+    os.killpg(server.pid, signal.SIGINT)  # what a terminal sends to the foreground group
+    server.wait(10)
+    wait_for(lambda: not any(pid_alive(pid) for pid in workers), 5)
+
+
+def test_workers_exit_when_the_primary_is_killed(serve) -> None:
+    server = serve("wsgi_apps:app", "-w", "2", workers=2)
+    workers = server.workers()
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(5)
+    wait_for(lambda: not any(pid_alive(pid) for pid in workers), 2.5)
+
+
+def test_ttin_and_ttou_change_the_worker_count(serve) -> None:
+    server = serve("wsgi_apps:app", "-w", "2", workers=2)
+    server.signal(signal.SIGTTIN)
+    wait_for(lambda: len(server.workers()) == 3, 10)
+    server.signal(signal.SIGTTOU)
+    wait_for(lambda: len(server.workers()) == 2, 10)
+    assert server.get("/").startswith(b"HTTP/1.1 200")
+
+
+def test_pidfile_is_written_and_removed(serve, tmp_path: Path) -> None:
+    pidfile = tmp_path / "fs.pid"
+    server = serve("wsgi_apps:hello", "--pid", str(pidfile))
+    assert int(pidfile.read_text()) == server.pid
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+    assert not pidfile.exists()
+
+
+def test_access_log_format(serve) -> None:
+    server = serve(
+        "wsgi_apps:app",
+        "--access-logfile",
+        "-",
+        "--access-logformat",
+        "%(m)s %(U)s %(q)s %(s)s %(b)s %({x-test}i)s",
+    )
+    server.get("/env?a=1", headers="X-Test: yes\r\n")
+    wait_for(lambda: "GET /env a=1 200" in server.output, 5)
+    assert "yes" in server.output.split("GET /env a=1 200", 1)[1].splitlines()[0]
+
+
+def test_check_config_imports_the_app(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests' / 'apps'}{os.pathsep}{ROOT}")
+    ok = subprocess.run(
+        [sys.executable, "-m", "forkserve", "wsgi_apps:hello", "--check-config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "forkserve", "broken_app:app", "--check-config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 1
+    assert "this app cannot start" in bad.stderr
+    assert "Traceback" not in bad.stderr
