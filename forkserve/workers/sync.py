@@ -83,18 +83,23 @@ class SyncWorker(WorkerBase):
             except OSError:
                 server = None
             connection = WSGIConnection(transport, self.app, options, addr, server, extra)
+
+            def pipelined() -> bool:
+                # Keep the connection only for requests the client already sent.
+                if not self.alive:
+                    return False
+                if connection.has_pending_data:
+                    return True
+                ready, _, _ = select.select([conn], [], [], 0)
+                return bool(ready)
+
+            connection.keep_alive_check = pipelined
             while True:
                 served = connection.requests_served
                 keep = connection.handle_request()
                 if connection.requests_served != served:
                     self.count_request()
                 if not keep or not self.alive:
-                    break
-                if connection.has_pending_data:
-                    continue
-                # Serve what the client already sent; never wait on an idle one.
-                ready, _, _ = select.select([conn], [], [], 0)
-                if not ready:
                     break
         except OSError as exc:
             LOG.debug("connection from %s ended: %s", addr, exc)

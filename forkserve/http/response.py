@@ -1,0 +1,288 @@
+"""Response heads: validation of what the application returns, the framing
+decision, and the bytes of the status line and headers.
+
+Pure functions and small value objects; the connection (``wsgi.py``) sends
+the bytes. This module must not import sockets, threads, signals, selectors,
+asyncio or anything from forkserve except ``forkserve.errors``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+
+from forkserve.errors import ResponseError
+
+# RFC 9110 §5.6.2 token for field names; values may not carry CR, LF or NUL
+# (RFC 9110 §5.5), which is what response splitting needs.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
+_STATUS = re.compile(r"([0-9]{3})(?: ([^\r\n\x00]*))?")
+
+_STATUS_LINES: dict[tuple[int, str], bytes] = {
+    (s.value, s.phrase): b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1"))
+    for s in HTTPStatus
+}
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+# Hop-by-hop headers the server owns (RFC 9110 §7.6.1); the application's
+# values are read for intent and not forwarded.
+_HOP_BY_HOP = frozenset({"connection", "transfer-encoding", "keep-alive"})
+
+# Headers whose value changes the framing or the defaults; never cached.
+_SPECIAL = frozenset({"content-length", "date", "server"})
+# Small bounded caches: apps send the same few statuses and headers.
+_STATUS_CACHE: dict[str, tuple[int, bytes]] = {}
+_LINE_CACHE: dict[tuple[str, str], bytes] = {}
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class DateCache:
+    """The ``Date`` header line, formatted at most once per second."""
+
+    __slots__ = ("_clock", "_line", "_second")
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._second = -1
+        self._line = b""
+
+    def header(self) -> bytes:
+        """``b"Date: <IMF-fixdate>\\r\\n"`` for the current second."""
+        now = self._clock()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._line = b"Date: %s\r\n" % formatdate(second, usegmt=True).encode("ascii")
+        return self._line
+
+
+def parse_status(status: object) -> tuple[int, bytes]:
+    """Validate a WSGI status string; return the code and its status line."""
+    if type(status) is str:
+        found = _STATUS_CACHE.get(status)
+        if found is not None:
+            return found
+    result = _parse_status(status)
+    if len(_STATUS_CACHE) < 256:
+        _STATUS_CACHE[status] = result  # type: ignore[index]  # str, checked above
+    return result
+
+
+def _parse_status(status: object) -> tuple[int, bytes]:
+    if not isinstance(status, str):
+        raise ResponseError(f"status must be a str like '200 OK', got {type(status).__name__}")
+    m = _STATUS.fullmatch(status)
+    if m is None:
+        raise ResponseError(f"invalid status {status!r}: expected '<3-digit code> <reason>'")
+    code = int(m.group(1))
+    if code < 100:
+        raise ResponseError(f"invalid status code {code}: must be 100-999")
+    reason = m.group(2)
+    if reason is None:
+        reason = _REASONS.get(code, "")
+    line = _STATUS_LINES.get((code, reason))
+    if line is None:
+        try:
+            line = b"HTTP/1.1 %d %s\r\n" % (code, reason.encode("latin-1"))
+        except UnicodeEncodeError:
+            raise ResponseError(f"invalid status {status!r}: reason must be latin-1")
+    return code, line
+
+
+class ResponseHead:
+    """The head to send and the framing the body must follow."""
+
+    __slots__ = ("chunked", "content_length", "head", "keep_alive", "send_body", "status")
+
+    def __init__(
+        self,
+        status: int,
+        head: bytes,
+        chunked: bool,
+        content_length: int | None,
+        send_body: bool,
+        keep_alive: bool,
+    ) -> None:
+        self.status = status
+        self.head = head
+        self.chunked = chunked
+        self.content_length = content_length
+        self.send_body = send_body
+        self.keep_alive = keep_alive
+
+
+def build_head(
+    status: object,
+    headers: Iterable[tuple[str, str]],
+    *,
+    method: bytes,
+    http_version: bytes,
+    keep_alive: bool,
+    date: DateCache,
+    server: bytes = b"forkserve",
+    body_length: int | None = None,
+) -> ResponseHead:
+    """Validate the application's status and headers and build the head.
+
+    Framing: HEAD, 1xx, 204 and 304 carry no body; otherwise the app's
+    Content-Length, else ``body_length`` when the server knows the whole body
+    in advance, else chunked (HTTP/1.1 kept alive), else the end of the body
+    is the close of the connection. Raises ResponseError on anything that
+    must not be sent.
+    """
+    code, status_line = parse_status(status)
+    parts = [status_line]
+    content_length: int | None = None
+    has_date = has_server = False
+    no_body_status = code < 200 or code == 204 or code == 304
+    line_cache = _LINE_CACHE
+    for item in headers:
+        cached = line_cache.get(item) if type(item) is tuple else None
+        if cached is not None:
+            # An ordinary header already validated and encoded once.
+            parts.append(cached)
+            continue
+        try:
+            name, value = item
+        except (TypeError, ValueError):
+            raise ResponseError(f"invalid header {item!r}: expected a (name, value) pair")
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ResponseError(f"invalid header {item!r}: name and value must be str")
+        if _TOKEN.fullmatch(name) is None:
+            raise ResponseError(f"invalid header name {name!r}")
+        if _BAD_VALUE.search(value) is not None:
+            raise ResponseError(f"invalid header value for {name!r}: CR, LF or NUL")
+        lname = name.lower()
+        if lname in _HOP_BY_HOP:
+            if lname == "connection" and "close" in value.lower():
+                keep_alive = False
+            continue
+        if lname == "content-length":
+            stripped = value.strip()
+            if content_length is not None or not (stripped.isdigit() and stripped.isascii()):
+                raise ResponseError(f"invalid Content-Length {value!r}")
+            content_length = int(stripped)
+            if no_body_status and code != 304:
+                continue
+            value = stripped
+        elif lname == "date":
+            has_date = True
+        elif lname == "server":
+            has_server = True
+        try:
+            line = b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1"))
+        except UnicodeEncodeError:
+            raise ResponseError(f"invalid header value for {name!r}: not latin-1")
+        parts.append(line)
+        if lname not in _SPECIAL and len(line_cache) < 512 and type(item) is tuple:
+            line_cache[item] = line
+
+    send_body = not (no_body_status or method == b"HEAD")
+    chunked = False
+    if content_length is None and body_length is not None and not no_body_status:
+        # HEAD too: the length a GET would have (RFC 9110 §8.6).
+        content_length = body_length
+        parts.append(b"Content-Length: %d\r\n" % body_length)
+    elif send_body and content_length is None:
+        if http_version == b"1.1" and keep_alive:
+            chunked = True
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            keep_alive = False
+    if not has_date:
+        parts.append(date.header())
+    if not has_server:
+        parts.append(b"Server: %s\r\n" % server)
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif http_version == b"1.0":
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return ResponseHead(code, b"".join(parts), chunked, content_length, send_body, keep_alive)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 §7.1); empty data gives b""."""
+    if not data:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class BodyFramer:
+    """Frames body bytes as the head declared.
+
+    A body longer than its Content-Length is truncated; shorter or longer,
+    the connection must then be closed (``must_close``), since the peer
+    cannot find the next response otherwise.
+    """
+
+    __slots__ = ("_chunked", "_remaining", "_send", "overflow", "sent")
+
+    def __init__(self, head: ResponseHead) -> None:
+        self._chunked = head.chunked
+        self._send = head.send_body
+        self._remaining = head.content_length if head.send_body else None
+        self.overflow = False
+        self.sent = 0
+
+    def frame(self, data: bytes) -> bytes:
+        """The bytes to send for ``data`` (possibly b"")."""
+        if not self._send or not data:
+            return b""
+        if self._chunked:
+            self.sent += len(data)
+            return b"%x\r\n%s\r\n" % (len(data), data)
+        remaining = self._remaining
+        if remaining is not None:
+            if len(data) > remaining:
+                data = data[:remaining]
+                self.overflow = True
+            self._remaining = remaining - len(data)
+        self.sent += len(data)
+        return data
+
+    def allow(self, count: int) -> int:
+        """How many of ``count`` raw bytes (e.g. a sendfile) may be sent."""
+        if not self._send:
+            return 0
+        remaining = self._remaining
+        if remaining is not None and count > remaining:
+            self.overflow = True
+            count = remaining
+        if remaining is not None:
+            self._remaining = remaining - count
+        self.sent += count
+        return count
+
+    def finish(self) -> bytes:
+        """Bytes that end the body: the last chunk when chunked."""
+        return LAST_CHUNK if self._chunked and self._send else b""
+
+    @property
+    def must_close(self) -> bool:
+        return self.overflow or bool(self._remaining)
+
+
+def error_response(
+    status: int, message: str, date: DateCache, server: bytes = b"forkserve"
+) -> bytes:
+    """A complete short plain-text response that closes the connection."""
+    reason = _REASONS.get(status, "Error")
+    body = f"{message}\n".encode("latin-1", "replace")
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1")),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            date.header(),
+            b"Server: %s\r\n" % server,
+            b"Connection: close\r\n\r\n",
+            body,
+        )
+    )
