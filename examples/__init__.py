@@ -1,0 +1,1 @@
+"""Example applications served by ``make run`` and the process tests; imports nothing."""
