@@ -50,6 +50,7 @@ class Arbiter:
         self.stopping = False
         self.exit_code = 0
         self.booted: set[int] = set()
+        self.retiring: deque[cluster.Worker] = deque()
         self.started_at: dict[int, float] = {}
         self.listening: dict[int, int] = {}
         self.crashes: deque[float] = deque()
@@ -109,8 +110,9 @@ class Arbiter:
         primary.on("message", self._on_message)
         primary.on("exit", self._on_exit)
         LOG.info("forkserve %s starting (pid %s)", __version__, os.getpid())
+        scheme = "https" if self.config.certfile else "http"
         for bound in self.binds:
-            LOG.info("listening at http://%s (%s)", describe(bound), sched)
+            LOG.info("listening at %s://%s (%s)", scheme, describe(bound), sched)
         if self.app is not None:
             # Objects loaded so far stay shared: refcount updates would copy their pages.
             gc.freeze()
@@ -187,10 +189,19 @@ class Arbiter:
         if self.listening[worker.id] == len(self.binds) and worker.id not in self.booted:
             self.booted.add(worker.id)
             LOG.debug("worker %s (pid %s) is ready", worker.id, worker.process.pid)
+            self._retire_one()
             if not self.ready_logged and len(self.booted) >= self.num_workers:
                 self.ready_logged = True
                 LOG.info("ready: %s workers serving", len(self.booted))
                 self._call_hook("when_ready", self)
+
+    def _retire_one(self) -> None:
+        """A new worker is ready: let one worker being replaced leave."""
+        while self.retiring:
+            old = self.retiring.popleft()
+            if old.is_connected() and not old.is_dead():
+                old.disconnect()
+                return
 
     def _on_message(self, worker: cluster.Worker, message: Any, handle: Any) -> None:
         is_boot_error = isinstance(message, dict) and message.get("type") == BOOT_ERROR_MESSAGE
@@ -309,13 +320,13 @@ class Arbiter:
             worker.process.kill(signal.SIGUSR1)
 
     def handle_hup(self) -> None:
-        LOG.info("SIGHUP: replacing workers")
+        """Start a new worker per old one; each old one retires when a new one is ready."""
         assert self.primary is not None
-        old = list(self.primary.workers.values())
+        old = [w for w in self.primary.workers.values() if w not in self.retiring]
+        LOG.info("SIGHUP: replacing %s workers", len(old))
+        self.retiring.extend(old)
         for _ in old:
             self.spawn_worker()
-        for worker in old:
-            worker.disconnect()
 
     def handle_winch(self) -> None:
         """Ignored unless daemonized (terminal resizes send it), as gunicorn does."""

@@ -59,7 +59,8 @@ class Server:
 
     @property
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def workers(self) -> list[int]:

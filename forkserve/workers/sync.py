@@ -17,6 +17,7 @@ import errno
 import select
 import selectors
 import socket
+import ssl
 from typing import Any
 
 from forkserve.http.wsgi import WSGIConnection
@@ -75,6 +76,7 @@ class SyncWorker(WorkerBase):
         options: Any,
         extra: dict[str, Any],
     ) -> None:
+        transport: socket.socket | None = None
         try:
             conn.setblocking(True)
             transport = self.prepare_connection(conn)
@@ -90,7 +92,9 @@ class SyncWorker(WorkerBase):
                     return False
                 if connection.has_pending_data:
                     return True
-                ready, _, _ = select.select([conn], [], [], 0)
+                if isinstance(transport, ssl.SSLSocket) and transport.pending():
+                    return True
+                ready, _, _ = select.select([transport], [], [], 0)
                 return bool(ready)
 
             connection.keep_alive_check = pipelined
@@ -104,10 +108,11 @@ class SyncWorker(WorkerBase):
         except OSError as exc:
             LOG.debug("connection from %s ended: %s", addr, exc)
         finally:
-            try:
-                conn.close()
-            except OSError:
-                pass
+            for sock in (transport, conn) if transport is not None else (conn,):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
 
 
 def _unregister(selector: selectors.BaseSelector, fd: int) -> None:

@@ -307,3 +307,84 @@ def test_check_config_imports_the_app(tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "this app cannot start" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_hup_replaces_every_worker_without_failing_requests(serve) -> None:
+    server = serve("wsgi_apps:app", "-w", "2", workers=2)
+    old = set(server.workers())
+    server.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        reply = server.get("/pid")
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        current = set(server.workers())
+        if current and not current & old and len(current) == 2:
+            break
+    else:
+        raise AssertionError("old workers were not replaced")
+
+
+def test_user_and_group_are_dropped_in_workers(serve) -> None:
+    import pwd
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to change user")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody'")
+    server = serve("wsgi_apps:app", "-u", "nobody", "-g", str(nobody.pw_gid))
+    uid, gid, _ = body_of(server.get("/ids")).split()
+    assert (int(uid), int(gid)) == (nobody.pw_uid, nobody.pw_gid)
+    assert os.stat(f"/proc/{server.pid}").st_uid == 0, "the primary keeps its identity"
+
+
+def test_tls_with_certfile_and_keyfile(serve, tmp_path: Path) -> None:
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    server = serve("wsgi_apps:app", "--certfile", str(cert), "--keyfile", str(key), ready=False)
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+
+    def fetch() -> bytes:
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", server.port), timeout=3) as raw,
+                context.wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
+                tls.sendall(b"GET /ids HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(4096):
+                    data += chunk
+                return data
+        except (OSError, ssl.SSLError):
+            return b""
+
+    reply = wait_for(fetch, 15)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert body_of(reply).endswith(b"https")
