@@ -190,7 +190,9 @@ def build_head(
         content_length = body_length
         parts.append(b"Content-Length: %d\r\n" % body_length)
     elif send_body and content_length is None:
-        if http_version == b"1.1" and keep_alive:
+        if http_version == b"1.1":
+            # Chunked even when closing: a client can then tell a complete
+            # body from one cut short by an error (RFC 9112 §6.3).
             chunked = True
             parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
