@@ -2,8 +2,10 @@
 
 A worker process starts in ``boot()``: it loads the application (unless the
 arbiter preloaded it), tells the arbiter once and exits with
-``APP_LOAD_ERROR`` if that fails, asks the cluster for its listeners (the
-arbiter's sockets, by their fd in the primary), then runs the chosen class.
+``APP_LOAD_ERROR`` if that fails, builds the chosen class and runs its
+``before_listen()``, asks the cluster for its listeners (the arbiter's
+sockets, by their fd in the primary; this makes the worker ready), then runs
+the class.
 
 Signals in a worker: TERM is a graceful stop (finish what is in flight,
 then leave deliberately), INT and QUIT a fast one, USR1 reopens log files.
@@ -173,6 +175,12 @@ class WorkerBase:
             except OSError:
                 pass
 
+    def before_listen(self) -> None:
+        """Runs before the listeners open, i.e. before the worker is ready.
+
+        Raise ``AppImportError`` to fail the boot with ``APP_LOAD_ERROR``.
+        """
+
     def run(self) -> int:
         raise RuntimeError(f"worker class {self.name!r} does not implement run()")
 
@@ -235,18 +243,25 @@ def boot(config: Config, app: Any, bind_fds: list[int], worker_class: str) -> in
         cls = load_worker_class(worker_class)
     except (ValueError, ImportError) as exc:
         return report_boot_error(str(exc), WORKER_BOOT_ERROR)
+    # The class is built before the listeners open (it sees the list filled in
+    # later): asking for them reports the worker ready, so whatever must happen
+    # first (an ASGI app's lifespan startup) runs in before_listen().
     listeners: list[cluster.Listener] = []
-    try:
-        for fd in bind_fds:
-            listeners.append(cluster.listen({"fd": fd}, backlog=config.backlog))
-    except OSError as exc:
-        return report_boot_error(f"cannot get a listener: {exc}", WORKER_BOOT_ERROR)
     try:
         instance = cls(config, app, listeners)
     except (OSError, ssl.SSLError, ValueError) as exc:
         return report_boot_error(
             f"cannot start the {worker_class} worker: {exc}", WORKER_BOOT_ERROR
         )
+    try:
+        instance.before_listen()
+    except AppImportError as exc:
+        return report_boot_error(str(exc), APP_LOAD_ERROR)
+    try:
+        for fd in bind_fds:
+            listeners.append(cluster.listen({"fd": fd}, backlog=config.backlog))
+    except OSError as exc:
+        return report_boot_error(f"cannot get a listener: {exc}", WORKER_BOOT_ERROR)
     LOG.debug(
         "worker %s (pid %s) booted as %s in %.3fs",
         instance.worker_id,

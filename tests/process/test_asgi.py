@@ -1,0 +1,368 @@
+"""The asgi worker (-k asgi): uvicorn's protocols on forkserve's processes and sockets.
+
+Every test runs a real server through the ``serve`` fixture, under both
+scheduling policies where the policy matters, and talks to it with real
+clients on loopback (raw sockets, httpx, the websockets client). Waits are
+bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Server
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
+
+from tests.helpers import APPS, ROOT, wait_for
+
+APP = "asgi_apps:app"
+POLICIES = ["rr", "none"]
+
+
+def start(serve: Callable[..., Server], sched: str, *args: str, **kwargs: object) -> Server:
+    return serve(APP, "-k", "asgi", "--sched", sched, *args, **kwargs)
+
+
+def body_of(reply: bytes) -> bytes:
+    return reply.partition(b"\r\n\r\n")[2]
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.") else 0
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def answers(server: Server, path: str) -> bool:
+    """True once ``path`` answers 200; False while the port refuses connections."""
+    try:
+        return server.get(path, timeout=3).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def events(path: Path) -> list[str]:
+    return path.read_text().split("\n")[:-1] if path.exists() else []
+
+
+# -- concurrency ------------------------------------------------------------------
+
+
+VARIANTS = [("rr", "httptools"), ("none", "httptools"), ("rr", "h11")]
+
+
+@pytest.mark.parametrize(("sched", "http"), VARIANTS)
+def test_one_worker_serves_slow_requests_concurrently(serve, sched: str, http: str) -> None:
+    server = start(serve, sched, "-w", "1", "--http", http, workers=1)
+    began = time.monotonic()
+    with ThreadPoolExecutor(20) as pool:
+        replies = list(pool.map(lambda _: server.get("/sleep?0.5", timeout=10), range(20)))
+    elapsed = time.monotonic() - began
+    assert all(reply.startswith(b"HTTP/1.1 200") for reply in replies)
+    assert len({body_of(reply) for reply in replies}) == 1, "one worker answered all"
+    assert elapsed < 2.0, f"20 requests of 0.5 s took {elapsed:.2f}s"
+
+
+def test_auto_class_serves_an_asgi_app_under_both_policies(serve) -> None:
+    for sched in ("auto", "rr", "none"):
+        server = serve("examples.hello_asgi:app", "-w", "2", "--sched", sched)
+        reply = server.get("/")
+        assert reply.startswith(b"HTTP/1.1 200") and body_of(reply) == b"Hello, world!\n"
+        assert b"\r\nserver: forkserve\r\n" in reply.lower()
+        assert b"\r\ndate: " in reply.lower()
+        server.stop()
+
+
+# -- WebSockets --------------------------------------------------------------------
+
+
+def ws_url(server: Server) -> str:
+    return f"ws://127.0.0.1:{server.port}/ws"
+
+
+@pytest.mark.parametrize("ws", ["websockets", "wsproto"])
+@pytest.mark.parametrize("sched", POLICIES)
+def test_websocket_echo_close_codes_and_max_size(serve, sched: str, ws: str) -> None:
+    server = start(serve, sched, "--ws", ws, "--ws-max-size", "1024")
+    with ws_connect(ws_url(server), open_timeout=5, close_timeout=5) as conn:
+        conn.send("hello")
+        assert conn.recv(timeout=5) == "hello"
+        conn.send(b"\x00\x01binary")
+        assert conn.recv(timeout=5) == b"\x00\x01binary"
+        conn.send("close:4001")
+        with pytest.raises(ConnectionClosed) as closed:
+            conn.recv(timeout=5)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "bye")
+
+    with ws_connect(ws_url(server), open_timeout=5, close_timeout=5) as conn:
+        conn.send("x" * 1024)
+        assert conn.recv(timeout=5) == "x" * 1024
+        conn.send("x" * 1025)
+        with pytest.raises(ConnectionClosed) as closed:
+            conn.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_ws_none_refuses_websocket_upgrades(serve) -> None:
+    server = start(serve, "none", "--ws", "none")
+    with pytest.raises(Exception):  # noqa: B017 - the handshake fails, whatever the reason
+        ws_connect(ws_url(server), open_timeout=5).close()
+    assert server.get("/").startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_sigterm_closes_open_websockets_with_1001(serve, sched: str) -> None:
+    server = start(serve, sched, "-w", "1", workers=1)
+    with ws_connect(ws_url(server), open_timeout=5, close_timeout=5) as conn:
+        conn.send("ping")
+        assert conn.recv(timeout=5) == "ping"
+        server.signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            conn.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert server.wait(15) == 0
+
+
+# -- lifespan ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_lifespan_startup_precedes_requests_and_shutdown_follows_sigterm(
+    serve, tmp_path: Path, sched: str
+) -> None:
+    log = tmp_path / "events"
+    env = {"ASGI_EVENTS": str(log), "ASGI_STARTUP_DELAY": "0.5"}
+    server = start(serve, sched, "-w", "1", env=env, ready=False)
+    # Ask at once: a request must not be served before startup completed.
+    wait_for(lambda: answers(server, "/"), 15, interval=0.01)
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+    names = [line.split()[0] for line in events(log)]
+    assert names[0] == "startup"
+    assert "request" in names and "request-before-startup" not in names
+    assert names[-1] == "shutdown" and names.count("shutdown") == 1
+
+
+def test_failing_startup_stops_the_server_with_the_message_once(serve) -> None:
+    server = serve("asgi_apps:failing_startup", "-k", "asgi", "-w", "2", ready=False)
+    assert server.wait(15) == 1
+    output = server.output
+    assert output.count("database unreachable (test)") == 1, output
+    assert "a worker failed to boot" in output
+
+
+def test_lifespan_auto_serves_apps_without_lifespan_and_on_refuses_them(serve) -> None:
+    server = serve("asgi_apps:no_lifespan", "-k", "asgi")
+    assert body_of(server.get("/")) == b"ok"
+    server.stop()
+    refused = serve("asgi_apps:no_lifespan", "-k", "asgi", "--lifespan", "on", ready=False)
+    assert refused.wait(15) == 1
+    assert refused.output.count("RuntimeError: unsupported scope lifespan") == 1
+
+
+# -- limits and bodies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_worker_connections_answers_503_past_the_cap(serve, tmp_path: Path, sched: str) -> None:
+    log = tmp_path / "events"
+    server = start(
+        serve,
+        sched,
+        "-w",
+        "1",
+        "--worker-connections",
+        "2",
+        env={"ASGI_EVENTS": str(log)},
+        workers=1,
+    )
+    held = [server.connect(10) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /sleep?1.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: sum(1 for e in events(log) if e.startswith("begin")) == 2, 5)
+        began = time.monotonic()
+        refused = server.get("/pid", timeout=5)
+        assert status_of(refused) == 503
+        assert time.monotonic() - began < 1.0, "refused at once, not queued"
+        for sock in held:
+            assert read_until(sock, b"slept").startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: status_of(server.get("/pid")) == 200, 5)
+
+
+@pytest.mark.parametrize(("sched", "http"), [("rr", "httptools"), ("none", "h11")])
+def test_request_and_response_bodies_stream(serve, sched: str, http: str) -> None:
+    server = start(serve, sched, "--http", http)
+    with server.connect(5) as sock:
+        sock.sendall(b"POST /echo-stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        # Each chunk comes back before the next is sent: both bodies stream.
+        received = b""
+        for piece in (b"first-piece", b"second-piece", b"third-piece"):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            received += read_until(sock, piece)
+            assert piece in received
+        sock.sendall(b"0\r\n\r\n")
+        received += read_until(sock, b"0\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding: chunked" in received.lower()
+
+    arrivals: list[float] = []
+    chunks: list[bytes] = []
+    began = time.monotonic()
+    with httpx.Client(timeout=5) as client, client.stream("GET", server.url("/drip")) as reply:
+        for chunk in reply.iter_bytes():
+            if chunk:
+                arrivals.append(time.monotonic() - began)
+                chunks.append(chunk)
+    assert reply.status_code == 200
+    assert b"".join(chunks) == b"".join(b"chunk %d\n" % i for i in range(5))
+    assert len(arrivals) >= 3, arrivals
+    assert arrivals[0] < arrivals[-1] - 0.3, f"the response arrived in one piece: {arrivals}"
+
+
+# -- stopping ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_sigterm_completes_requests_in_flight(serve, tmp_path: Path, sched: str) -> None:
+    log = tmp_path / "events"
+    server = start(
+        serve, sched, "-w", "1", "--keep-alive", "30", env={"ASGI_EVENTS": str(log)}, workers=1
+    )
+    socks = [server.connect(10) for _ in range(3)]
+    for sock in socks:
+        sock.sendall(b"GET /sleep?1.0 HTTP/1.1\r\nHost: x\r\n\r\n")
+    idle = server.connect(5)  # a keep-alive connection with nothing in flight
+    idle.sendall(b"GET /scope HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_until(idle, b"}").startswith(b"HTTP/1.1 200")
+    wait_for(lambda: sum(1 for e in events(log) if e.startswith("begin")) == 3, 5)
+    server.signal(signal.SIGTERM)
+    began = time.monotonic()
+    idle.settimeout(5)
+    assert idle.recv(100) == b"", "an idle keep-alive connection is closed"
+    assert time.monotonic() - began < 0.8, "closed at the signal, not after in-flight work"
+    idle.close()
+    for sock in socks:
+        reply = read_until(sock, b"slept", timeout=10)
+        assert reply.startswith(b"HTTP/1.1 200") and b"connection: close" in reply.lower()
+        sock.close()
+    assert server.wait(15) == 0
+    assert [e.split()[0] for e in events(log)][-1] == "shutdown"
+
+
+def test_graceful_timeout_bounds_the_wait(serve) -> None:
+    server = start(serve, "none", "-w", "1", "--graceful-timeout", "1", workers=1)
+    sock = server.connect(10)
+    sock.sendall(b"GET /sleep?30 HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: server.get("/pid").startswith(b"HTTP/1.1 200"), 5)
+    began = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+    assert time.monotonic() - began < 6
+    sock.close()
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_max_requests_recycles_the_worker(serve, sched: str) -> None:
+    server = start(serve, sched, "-w", "1", "--max-requests", "3", workers=1)
+    first = body_of(server.get("/pid"))
+    wait_for(lambda: body_of(server.get("/pid")) not in (first, b""), 10)
+    assert "recycling" in server.output
+
+
+# -- scope: root_path and proxy headers ---------------------------------------------
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_root_path_is_in_the_scope(serve, sched: str) -> None:
+    server = start(serve, sched, "--root-path", "/api")
+    scope = json.loads(body_of(server.get("/scope")))
+    assert scope["root_path"] == "/api"
+    assert scope["path"] == "/api/scope"
+
+
+FORWARDED = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n"
+
+
+@pytest.mark.parametrize("sched", POLICIES)
+def test_proxy_headers_only_from_trusted_peers(serve, sched: str) -> None:
+    trusted = start(serve, sched)  # the default trusts 127.0.0.1
+    scope = json.loads(body_of(trusted.get("/scope", headers=FORWARDED)))
+    assert (scope["client"], scope["scheme"]) == ("203.0.113.7", "https")
+    trusted.stop()
+    untrusted = start(serve, sched, "--forwarded-allow-ips", "10.9.8.7")
+    scope = json.loads(body_of(untrusted.get("/scope", headers=FORWARDED)))
+    assert (scope["client"], scope["scheme"]) == ("127.0.0.1", "http")
+
+
+# -- access log -------------------------------------------------------------------
+
+LINE = re.compile(
+    r"^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "
+    r'"GET /pid\?x=1 HTTP/1\.1" 200 (\d+) "http://ref\.example/" "asgi-test/1\.0"$',
+    re.M,
+)
+
+
+@pytest.mark.parametrize(("sched", "http"), [("rr", "h11"), ("none", "httptools")])
+def test_access_log_in_forkserve_format(serve, sched: str, http: str) -> None:
+    server = start(serve, sched, "--http", http, "--access-logfile", "-")
+    reply = server.get(
+        "/pid?x=1", headers="Referer: http://ref.example/\r\nUser-Agent: asgi-test/1.0\r\n"
+    )
+    match = wait_for(lambda: LINE.search(server.output), 5)
+    assert int(match.group(1)) == len(body_of(reply))
+
+
+def test_access_log_custom_atoms(serve) -> None:
+    server = start(
+        serve,
+        "none",
+        "--access-logfile",
+        "-",
+        "--access-logformat",
+        "atoms %(m)s %(U)s %(q)s %(s)s %(B)s %(M)s %({x-test}i)s %({content-type}o)s",
+    )
+    server.get("/sleep?0.2", headers="X-Test: yes\r\n")
+    server.get("/missing")
+    line = wait_for(lambda: re.search(r"^atoms GET /sleep 0\.2 200 .*$", server.output, re.M), 5)
+    fields = line.group(0).split()
+    assert int(fields[6]) >= 200, "duration in ms covers the app's sleep"
+    assert fields[7:] == ["yes", "text/plain"]
+    assert wait_for(lambda: "atoms GET /missing  404 9 " in server.output, 5)
+
+
+def test_uvloop_requested_but_missing_is_a_clear_boot_error(serve, tmp_path: Path) -> None:
+    fake = tmp_path / "uvloop"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named uvloop')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(APPS), str(ROOT)])}
+    server = serve(APP, "-k", "asgi", "-w", "2", "--loop", "uvloop", env=env, ready=False)
+    assert server.wait(15) == 1
+    output = server.output
+    assert output.count("--loop uvloop needs the uvloop package") == 1, output
+    assert "Traceback" not in output
