@@ -17,27 +17,41 @@ This module must not import click, ``forkserve.arbiter``, ``forkserve.workers``,
 from __future__ import annotations
 
 import difflib
-import grp
-import inspect
-import ipaddress
 import json
-import math
 import os
-import pwd
 import shlex
 import sys
-import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TextIO
 
+from forkserve.config_files import read_python, read_toml
+from forkserve.converters import (
+    arity,
+    bind_list,
+    boolean,
+    env_list,
+    group_id,
+    hook,
+    int_range,
+    logconfig_suffix,
+    non_negative_int,
+    octal_mode,
+    optional_text,
+    path_list,
+    positive_int,
+    seconds,
+    text,
+    trusted_ips,
+    user_id,
+)
 from forkserve.errors import ConfigError
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+    pass
 
 ENV_PREFIX = "FORKSERVE_"
 CMD_ARGS_VAR = "FORKSERVE_CMD_ARGS"
@@ -54,265 +68,6 @@ _GUNICORN_NAMES = {
     "keep_alive": "keepalive",
     "log_level": "loglevel",
 }
-
-
-# --- converters --------------------------------------------------------------
-# Each takes a str or a Python/TOML value; the ValueError text is the form expected.
-
-
-def _integer(value: Any, expected: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(expected)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip(), 10)
-        except ValueError:
-            raise ValueError(expected) from None
-    raise ValueError(expected)
-
-
-def positive_int(value: Any) -> int:
-    """An integer >= 1."""
-    number = _integer(value, "expected a positive integer")
-    if number < 1:
-        raise ValueError("expected a positive integer")
-    return number
-
-
-def non_negative_int(value: Any) -> int:
-    """An integer >= 0."""
-    number = _integer(value, "expected an integer >= 0")
-    if number < 0:
-        raise ValueError("expected an integer >= 0")
-    return number
-
-
-def int_range(low: int, high: int) -> Callable[[Any], int]:
-    """A converter for an integer from ``low`` to ``high`` inclusive."""
-    expected = f"expected an integer from {low} to {high}"
-
-    def convert(value: Any) -> int:
-        number = _integer(value, expected)
-        if not low <= number <= high:
-            raise ValueError(expected)
-        return number
-
-    convert.__name__ = f"int_range_{low}_{high}"
-    return convert
-
-
-def seconds(value: Any) -> float:
-    """A finite number of seconds >= 0."""
-    expected = "expected a number of seconds"
-    if isinstance(value, bool):
-        raise ValueError(expected)
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(expected) from None
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(expected)
-    return float(value)
-
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
-
-
-def boolean(value: Any) -> bool:
-    """``true``/``false`` (also yes/no, on/off, 1/0) or a bool."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ValueError("expected true or false")
-
-
-def text(value: Any) -> str:
-    """A string."""
-    if not isinstance(value, str):
-        raise ValueError("expected a string")
-    return value
-
-
-def optional_text(value: Any) -> str | None:
-    """A string; ``None`` or an empty string means unset."""
-    if value is None or value == "":
-        return None
-    return text(value)
-
-
-def octal_mode(value: Any) -> int:
-    """A permission mode: an int, or ``0o22``, ``022``, ``0x12`` or decimal text."""
-    expected = "expected an octal mode such as 0o22 or 022"
-    if isinstance(value, str):
-        raw = value.strip().lower()
-        try:
-            if raw.startswith(("0o", "0x", "0b")):
-                value = int(raw, 0)
-            elif len(raw) > 1 and raw.startswith("0"):
-                value = int(raw, 8)
-            else:
-                value = int(raw, 10)
-        except ValueError:
-            raise ValueError(expected) from None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
-        raise ValueError(expected)
-    return value
-
-
-def _items(value: Any, separators: str, expected: str) -> list[str]:
-    if isinstance(value, str):
-        for sep in separators:
-            value = value.replace(sep, " ")
-        return value.split()
-    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
-        return list(value)
-    raise ValueError(expected)
-
-
-_BIND_FORM = "expected host:port, [ipv6]:port, unix:/path or fd://N"
-
-
-def _bind_address(item: str) -> str:
-    if item.startswith("unix:"):
-        if len(item) == len("unix:"):
-            raise ValueError(_BIND_FORM)
-        return item
-    if item.startswith("fd://"):
-        number = item[len("fd://") :]
-        if not number.isdigit():
-            raise ValueError(_BIND_FORM)
-        return item
-    if item.startswith("["):
-        host, sep, rest = item[1:].partition("]")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(_BIND_FORM) from None
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(_BIND_FORM)
-        port = rest[1:] if rest else "8000"
-        display = f"[{host}]"
-    else:
-        if item.count(":") > 1:  # a bare IPv6 address is ambiguous without brackets
-            raise ValueError(_BIND_FORM)
-        display, _, port = item.partition(":")
-        port = port or "8000"
-        if not display:
-            raise ValueError(_BIND_FORM)
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(_BIND_FORM)
-    return f"{display}:{int(port)}"
-
-
-def bind_list(value: Any) -> tuple[str, ...]:
-    """Addresses to listen on, comma or space separated; the form is checked, not opened."""
-    items = _items(value, ", ", _BIND_FORM)
-    if not items:
-        raise ValueError(_BIND_FORM)
-    return tuple(_bind_address(item) for item in items)
-
-
-def env_list(value: Any) -> tuple[str, ...]:
-    """``KEY=VALUE`` pairs; a string is split like a shell command line."""
-    expected = "expected KEY=VALUE"
-    if isinstance(value, str):
-        try:
-            items = shlex.split(value)
-        except ValueError:
-            raise ValueError(expected) from None
-    else:
-        items = _items(value, "", expected)
-    for item in items:
-        key, sep, _ = item.partition("=")
-        if not sep or not key or any(c.isspace() for c in key):
-            raise ValueError(expected)
-    return tuple(items)
-
-
-def path_list(value: Any) -> tuple[str, ...]:
-    """Directories, comma separated."""
-    return tuple(_items(value, ",", "expected comma-separated directories"))
-
-
-def trusted_ips(value: Any) -> tuple[str, ...]:
-    """``*``, or IP addresses and CIDR networks, comma separated."""
-    expected = "expected '*' or comma-separated IP addresses or networks"
-    items = _items(value, ", ", expected)
-    for item in items:
-        if item == "*":
-            continue
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ValueError(expected) from None
-    return tuple(items)
-
-
-def user_id(value: Any) -> int | None:
-    """A user name or numeric uid; the name is resolved now."""
-    return _account_id(value, pwd.getpwnam, "expected a user name or uid")
-
-
-def group_id(value: Any) -> int | None:
-    """A group name or numeric gid; the name is resolved now."""
-    return _account_id(value, grp.getgrnam, "expected a group name or gid")
-
-
-def _account_id(value: Any, lookup: Callable[[str], Any], expected: str) -> int | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise ValueError(expected)
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(expected)
-        return value
-    if isinstance(value, str):
-        if value.strip().isdigit():
-            return int(value)
-        try:
-            return int(lookup(value.strip())[2])
-        except KeyError:
-            raise ValueError(f"{expected} known to this system") from None
-    raise ValueError(expected)
-
-
-def hook(value: Any) -> Callable[..., Any] | None:
-    """A callable (Python config files only)."""
-    if value is None:
-        return None
-    if not callable(value):
-        raise ValueError("expected a callable defined in a Python config file")
-    return value
-
-
-def arity(*params: str) -> Callable[[Any], None]:
-    """A validator: the hook must accept exactly these positional arguments."""
-
-    def validate(value: Any) -> None:
-        if value is None:
-            return
-        try:
-            inspect.signature(value).bind(*params)
-        except TypeError:
-            raise ValueError(f"expected a callable taking ({', '.join(params)})") from None
-        except ValueError:  # builtins without a signature: trust them
-            return
-
-    return validate
-
-
-def logconfig_suffix(value: Any) -> None:
-    """A validator: a log config file must be JSON, TOML or an ini file."""
-    if value is not None and not value.endswith((".json", ".toml", ".ini", ".conf")):
-        raise ValueError("expected a .json, .toml, .ini or .conf file")
 
 
 # --- the table ---------------------------------------------------------------
@@ -709,80 +464,15 @@ def _from_env(env: Mapping[str, str]) -> dict[str, _Raw]:
     }
 
 
-def _load_python(path: str, display: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            source = handle.read()
-        code = compile(source, path, "exec")
-    except OSError as exc:
-        raise ConfigError(f"config file {display}: {exc.strerror or exc}") from None
-    except SyntaxError as exc:
-        raise ConfigError(f"{display} line {exc.lineno}: syntax error: {exc.msg}") from None
-    namespace: dict[str, Any] = {"__file__": path, "__name__": "__forkserve_config__"}
-    try:
-        exec(code, namespace)
-    except Exception as exc:
-        line = _innermost_line(exc, path)
-        raise ConfigError(
-            f"{display}{line}: {type(exc).__name__} while running the config file: {exc}"
-        ) from None
-    found = {}
-    for key, value in namespace.items():
-        if key.startswith("_") or isinstance(value, types.ModuleType):
-            continue
-        imported = getattr(value, "__module__", "__forkserve_config__")
-        if (inspect.isroutine(value) or inspect.isclass(value)) and (
-            imported != "__forkserve_config__"
-        ):
-            continue
-        found[key] = value
-    return found
-
-
-def _innermost_line(exc: BaseException, path: str) -> str:
-    line = ""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == path:
-            line = f" line {tb.tb_lineno}"
-        tb = tb.tb_next
-    return line
-
-
-def _load_toml(path: str, display: str, table: str | None) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"config file {display}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{display}: invalid TOML: {exc}") from None
-    if table == "tool.forkserve":
-        section = data.get("tool", {}).get("forkserve", {})
-    elif isinstance(data.get("forkserve"), dict):
-        others = [key for key in data if key != "forkserve"]
-        if others:
-            raise ConfigError(
-                f"{display}: {others[0]!r} is outside the [forkserve] table; "
-                "put every setting in the table or none"
-            )
-        section = data["forkserve"]
-    else:
-        section = data
-    if not isinstance(section, dict):
-        raise ConfigError(f"{display}: [{table}] must be a table")
-    return {key.replace("-", "_"): value for key, value in section.items()}
-
-
 def _from_file(path: str, display: str) -> dict[str, _Raw]:
     base = os.path.basename(path)
     if base == "pyproject.toml":
-        entries = _load_toml(path, display, "tool.forkserve")
+        entries = read_toml(path, display, "tool.forkserve")
         display = f"{display} [tool.forkserve]"
     elif path.endswith(".toml"):
-        entries = _load_toml(path, display, None)
+        entries = read_toml(path, display, None)
     elif path.endswith(".py"):
-        entries = _load_python(path, display)
+        entries = read_python(path, display)
     else:
         raise ConfigError(
             f"config file {display}: expected a .py file, a .toml file or pyproject.toml"
