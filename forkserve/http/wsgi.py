@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from forkserve.errors import HTTPError, ResponseError
 from forkserve.http.accesslog import AccessRecord
+from forkserve.http.body import FileWrapper, InputStream
 from forkserve.http.parser import (
     NEED_DATA,
     Data,
@@ -73,25 +74,6 @@ class HTTPOptions:
     error_logger: logging.Logger | None = None
 
 
-class FileWrapper:
-    """``wsgi.file_wrapper``: iterable over a file; sent with sendfile when
-    the file has a descriptor and the body is not chunked."""
-
-    def __init__(self, filelike: Any, blksize: int = 8192) -> None:
-        self.filelike = filelike
-        self.blksize = blksize
-        if hasattr(filelike, "close"):
-            self.close = filelike.close
-
-    def __iter__(self) -> Iterator[bytes]:
-        read = self.filelike.read
-        while True:
-            data = read(self.blksize)
-            if not data:
-                return
-            yield data
-
-
 class _ClientGone(Exception):
     """The peer stopped accepting bytes; not the application's fault."""
 
@@ -123,83 +105,6 @@ def _trusted(entries: Iterable[str]) -> TrustedProxies:
     if found is None:
         found = _TRUSTED[key] = TrustedProxies(key)
     return found
-
-
-class InputStream:
-    """``wsgi.input``: the request body, streamed, never past its end."""
-
-    def __init__(self, conn: WSGIConnection) -> None:
-        self._conn = conn
-        self._buf = bytearray()
-        self._eof = False
-
-    def _next(self) -> bytes:
-        if self._eof:
-            return b""
-        data = self._conn._read_body()
-        if not data:
-            self._eof = True
-        return data
-
-    def _take(self, n: int) -> bytes:
-        buf = self._buf
-        data = bytes(buf[:n])
-        del buf[:n]
-        return data
-
-    def read(self, size: int | None = -1) -> bytes:
-        buf = self._buf
-        if size is None or size < 0:
-            parts = [bytes(buf)]
-            buf.clear()
-            while data := self._next():
-                parts.append(data)
-            return b"".join(parts)
-        if not buf and size:
-            data = self._next()
-            if len(data) <= size:
-                return data  # the common case: no copy into the buffer
-            buf += data
-        while len(buf) < size and (data := self._next()):
-            buf += data
-        return self._take(size)
-
-    def readline(self, limit: int | None = -1) -> bytes:
-        buf = self._buf
-        start = 0
-        if limit is None or limit < 0:
-            limit = -1
-        while True:
-            end = buf.find(b"\n", start)
-            if end >= 0:
-                end += 1
-                break
-            if 0 <= limit <= len(buf):
-                end = limit
-                break
-            start = len(buf)
-            data = self._next()
-            if not data:
-                end = len(buf)
-                break
-            buf += data
-        if 0 <= limit < end:
-            end = limit
-        return self._take(end)
-
-    def readlines(self, hint: int | None = -1) -> list[bytes]:
-        lines: list[bytes] = []
-        total = 0
-        while line := self.readline():
-            lines.append(line)
-            total += len(line)
-            if hint is not None and 0 < hint <= total:
-                break
-        return lines
-
-    def __iter__(self) -> Iterator[bytes]:
-        while line := self.readline():
-            yield line
 
 
 class WSGIConnection:
