@@ -26,7 +26,8 @@ def main() -> None:
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     try:
         runpy.run_path(script, run_name="__main__")
-    except SystemExit:
+    except (SystemExit, KeyboardInterrupt):
+        # The interpreter reports these itself (KeyboardInterrupt: death by SIGINT).
         raise
     except BaseException:
         traceback.print_exc()

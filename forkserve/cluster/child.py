@@ -24,6 +24,7 @@ import errno
 import os
 import select
 import socket
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +82,7 @@ class Child(EventEmitter):
         self._listeners: dict[str, Listener] = {}
         self._indexes: dict[str, set[int]] = {}
         self._disconnecting = False
+        self._channel_closed = False
         self._writer_registered = False
         self._wake_event: asyncio.Event | None = None
         self.loop.add_reader(self.channel_fd, self.poll)
@@ -129,10 +131,16 @@ class Child(EventEmitter):
         if not self.connected:
             return
         frames = self.channel.receive()
-        for frame in frames:
-            self._dispatch(frame.kind, frame.body, frame.fds)
-        if self.channel.eof:
-            self._on_channel_closed()
+        try:
+            for frame in frames:
+                self._dispatch(frame.kind, frame.body, frame.fds)
+            if self.channel.eof:
+                self._on_channel_closed()
+        except Exception:
+            # An exception escaping a 'message'/'disconnect' handler ends the
+            # worker with status 1, as an uncaught exception ends a Node worker.
+            traceback.print_exc()
+            raise SystemExit(1) from None
 
     def wait_readable(self, timeout: float | None) -> bool:
         """Block until the channel has data (then process it); False if closed."""
@@ -187,6 +195,11 @@ class Child(EventEmitter):
     }
 
     def _on_channel_closed(self) -> None:
+        # Reached from poll() after a reply closed the channel, too: once only,
+        # so 'disconnect' is emitted once.
+        if self._channel_closed:
+            return
+        self._channel_closed = True
         for listener in list(self._listeners.values()):
             listener._channel_gone()
         try:
@@ -288,7 +301,9 @@ class Child(EventEmitter):
         parsed = addr_mod.parse(address, udp=udp)
         if exclusive:
             sock = addr_mod.open_socket(parsed, backlog=backlog, reuse_port=reuse_port)
-            return self._own(sock, udp)
+            own = self._own(sock, udp)
+            own.backlog = backlog
+            return own
         if not self.connected:
             raise ChannelClosed()
         index_key = parsed.key()
@@ -327,6 +342,7 @@ class Child(EventEmitter):
             )
         else:
             listener = Listener("rr", reply["sockname"], child=self, key=key, loop=self.loop)
+        listener.backlog = backlog
         self._listeners[key] = listener
 
         def on_close() -> None:
@@ -443,16 +459,28 @@ class Child(EventEmitter):
     async def _serve_until_idle(self) -> None:
         self._wake_event = asyncio.Event()
         me = asyncio.current_task()
-        while True:
-            others = {task for task in asyncio.all_tasks() if task is not me}
-            if self._idle() and not (others and self.connected):
-                return
-            if not self.connected:
-                return
-            waiter = asyncio.ensure_future(self._wake_event.wait())
-            await asyncio.wait(others | {waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            self._wake_event.clear()
+        # One waiter lives until the wake event fires: a waiter cancelled and
+        # replaced on every turn would itself count as a task finishing next
+        # turn, and the loop would spin.
+        waiter: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                others = {
+                    task for task in asyncio.all_tasks() if task is not me and task is not waiter
+                }
+                if self._idle() and not (others and self.connected):
+                    return
+                if not self.connected:
+                    return
+                if waiter is None:
+                    waiter = asyncio.ensure_future(self._wake_event.wait())
+                await asyncio.wait(others | {waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    waiter = None
+                    self._wake_event.clear()
+        finally:
+            if waiter is not None:
+                waiter.cancel()
 
     def run(self) -> None:
         """Serve the worker's loop; returns once the worker is disconnected or idle."""

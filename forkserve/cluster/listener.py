@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from .child import Child
 
 
+DEFAULT_BACKLOG = 511  # Node's default
+
+
 def _closed_error() -> OSError:
     return OSError(errno.EBADF, "listener is closed")
 
@@ -81,6 +84,8 @@ class Listener:
         self.key = key
         self._loop = loop
         self.closed = False
+        # serve() listens again through asyncio: keep the backlog asked for.
+        self.backlog: int | None = None
         self._blocking = True
         self._queue: deque[tuple[socket.socket, int]] = deque()
         self._eventfd = -1
@@ -115,6 +120,9 @@ class Listener:
         """Readable when ``accept()`` has something to do; usable with selectors."""
         if self.closed:
             return -1
+        if self._sock is not None and self._sock.type == socket.SOCK_DGRAM:
+            # UDP: the bound datagram socket itself, for recvfrom/sendto.
+            return self._sock.fileno()
         if self._epoll is None:
             ep = select.epoll()
             ep.register(
@@ -218,7 +226,11 @@ class Listener:
         self._sock.setblocking(False)
 
         async def start() -> None:
-            server._server = await asyncio.start_server(client_connected_cb, sock=self._sock)
+            server._server = await asyncio.start_server(
+                client_connected_cb,
+                sock=self._sock,
+                backlog=self.backlog if self.backlog is not None else DEFAULT_BACKLOG,
+            )
 
         task = loop.create_task(start())
         server._started = task

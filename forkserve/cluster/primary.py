@@ -539,7 +539,10 @@ class Primary(EventEmitter):
             sock = addr_mod.open_socket(
                 addr_mod.parse(address, udp=udp), backlog=backlog, reuse_port=reuse_port
             )
-        return Listener("own", addr_mod.describe(sock, udp=udp), sock=sock, loop=self.loop)
+        listener = Listener("own", addr_mod.describe(sock, udp=udp), sock=sock, loop=self.loop)
+        if not isinstance(address, socket.socket):
+            listener.backlog = backlog
+        return listener
 
     async def wait_idle(self) -> None:
         """Return when no worker is left alive (both its events emitted)."""

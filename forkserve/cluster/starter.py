@@ -285,6 +285,7 @@ class ForkStarter:
             code = _exit_status(exc.code)
         except KeyboardInterrupt:
             code = 130
+            _die_of_sigint()
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -294,6 +295,20 @@ class ForkStarter:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
+
+
+def _die_of_sigint() -> None:
+    """End by SIGINT, as the interpreter does after an unhandled KeyboardInterrupt.
+
+    The primary then reports ``(None, 'SIGINT')`` whichever way the worker started.
+    """
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def _exit_status(code: object) -> int:

@@ -1,0 +1,48 @@
+"""Shared by the scenario scripts: the start method and one JSON record per output line.
+
+A scenario is ``start(worker_main, primary_main)``: the primary runs
+``primary_main()``; a worker runs ``worker_main()``, either as the script
+started afresh (ExecStarter) or as the function a forked child calls
+(ForkStarter, chosen by ``CLUSTER_TEST_STARTER=fork``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+from forkserve import cluster
+
+STARTER = os.environ.get("CLUSTER_TEST_STARTER", "exec")
+
+
+def out(tag, *values):
+    """Print one record as a single write, so lines of several processes never mix."""
+    line = json.dumps([tag, *values], default=repr) + "\n"
+    os.write(1, line.encode())
+
+
+def start(worker_main, primary_main, *, deadline: float = 30.0):
+    if cluster.is_primary:
+        if STARTER == "fork":
+            cluster.primary.starter = cluster.ForkStarter(worker_main)
+        watchdog(float(os.environ.get("CLUSTER_TEST_DEADLINE", deadline)))
+        primary_main()
+    else:
+        worker_main()
+
+
+def watchdog(seconds: float) -> None:
+    """A scenario never outlives its budget, even if the test harness is gone."""
+
+    def fire():
+        try:
+            out("watchdog", seconds)  # fails if nobody reads the output any more
+        except OSError:
+            pass
+        os.killpg(os.getpgrp(), 9)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()

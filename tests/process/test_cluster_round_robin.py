@@ -1,0 +1,92 @@
+"""SCHED_RR over real processes: fair, and a busy worker is skipped."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+
+import pytest
+from cluster_helpers import STARTERS, Running
+
+
+def fetch(port: int, payload: bytes = b"", timeout: float = 5.0) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        if payload:
+            sock.sendall(payload)
+        data = b""
+        while chunk := sock.recv(16):
+            data += chunk
+        return data.decode()
+
+
+@pytest.mark.parametrize("starter", STARTERS)
+def test_fair_over_400_connections(starter):
+    with Running(
+        "rr_fair.py", starter=starter, env={"FORKSERVE_SCHED_POLICY": "rr", "WORKERS": "4"}
+    ) as run:
+        port = run.wait_tag("ready", timeout=15)[0][0]
+        counts: Counter[str] = Counter()
+        lock = threading.Lock()
+        errors = []
+
+        def client(n):
+            try:
+                for _ in range(n):
+                    who = fetch(port)
+                    with lock:
+                        counts[who] += 1
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        # Two connectors: each worker is usually free when its turn comes, so the
+        # split shows the rotation rather than how the machine schedules workers.
+        threads = [threading.Thread(target=client, args=(200,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert sum(counts.values()) == 400
+        assert set(counts) == {"1", "2", "3", "4"}
+        for who, n in counts.items():
+            assert 80 <= n <= 120, f"worker {who} got {n} of 400: {dict(counts)}"
+
+
+@pytest.mark.parametrize("starter", STARTERS)
+def test_busy_worker_is_skipped(starter):
+    """A sync worker sleeping on a connection gets at most the one connection it was
+    handed when it took the slow one (Node's one-in-hand rule); every other
+    connection goes to the free worker and is answered at once."""
+    slow = 2.0
+    with Running(
+        "rr_busy.py", starter=starter, env={"FORKSERVE_SCHED_POLICY": "rr", "SLOW": str(slow)}
+    ) as run:
+        port = run.wait_tag("ready", timeout=15)[0][0]
+        slow_conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow_conn.sendall(b"slow")
+        busy = str(run.wait_tag("w-slow")[0][0])
+        started = time.monotonic()
+        prompt, stalled = [], []
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"fast")
+            sock.settimeout(0.5)
+            try:
+                prompt.append(sock.recv(16).decode())
+                sock.close()
+            except TimeoutError:
+                stalled.append(sock)
+        elapsed = time.monotonic() - started
+        assert elapsed < slow, "fast connections waited for the busy worker"
+        free = {"1", "2"} - {busy}
+        assert set(prompt) == free, (busy, prompt)
+        assert len(stalled) <= 1, f"{len(stalled)} connections went to the busy worker"
+        slow_conn.settimeout(slow + 5)
+        assert slow_conn.recv(16).decode() == busy
+        slow_conn.close()
+        for sock in stalled:
+            sock.settimeout(slow + 5)
+            assert sock.recv(16).decode() == busy  # served once the worker is back
+            sock.close()
