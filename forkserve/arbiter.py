@@ -36,6 +36,11 @@ LOG = logging.getLogger("forkserve.arbiter")
 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGWINCH")
 FAST_STOP_GRACE = 2.0
+# What --sched auto means, for every worker class: the policy that wins the
+# measurements in the README (scripts/bench.py). SCHED_NONE serves about twice
+# the new connections per second of SCHED_RR on 2 cores, and it is load-aware
+# for these classes too, since a busy worker does not call accept().
+DEFAULT_SCHED = "none"
 
 
 class Arbiter:
@@ -97,7 +102,7 @@ class Arbiter:
         cluster.use_primary(primary)
         sched = self.config.sched
         if sched == "auto":
-            sched = "none" if self.config.worker_class == "asgi" else "rr"
+            sched = DEFAULT_SCHED
         primary.scheduling_policy = cluster.SCHED_RR if sched == "rr" else cluster.SCHED_NONE
         primary.max_pending = self.config.backlog
         settings: dict[str, Any] = {"serialization": "json"}
