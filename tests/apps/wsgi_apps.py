@@ -32,6 +32,10 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
     elif path == "/env":
         keep = {k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple))}
         body = json.dumps(keep, default=str).encode()
+    elif path == "/osenv":
+        body = os.environ.get(environ.get("QUERY_STRING", ""), "-").encode()
+    elif path == "/cwd":
+        body = os.getcwd().encode()
     elif path == "/ids":
         body = f"{os.getuid()} {os.getgid()} {environ['wsgi.url_scheme']}".encode()
     elif path == "/echo":

@@ -388,3 +388,20 @@ def test_tls_with_certfile_and_keyfile(serve, tmp_path: Path) -> None:
     reply = wait_for(fetch, 15)
     assert reply.startswith(b"HTTP/1.1 200")
     assert body_of(reply).endswith(b"https")
+
+
+def test_env_flag_sets_worker_environment(serve) -> None:
+    server = serve("wsgi_apps:app", "-e", "GREETING=hello there", "-e", "EMPTY=")
+    assert body_of(server.get("/osenv?GREETING")) == b"hello there"
+    assert body_of(server.get("/osenv?EMPTY")) == b""
+
+
+def test_chdir_and_pythonpath_find_the_app(serve, tmp_path: Path) -> None:
+    elsewhere = ROOT / "tests" / "apps" / "elsewhere"
+    by_chdir = serve("hidden_app:app", "--chdir", str(elsewhere), cwd=tmp_path)
+    assert body_of(by_chdir.get("/")) == b"hidden"
+    by_path = serve("hidden_app:app", "--pythonpath", str(elsewhere), cwd=tmp_path)
+    assert body_of(by_path.get("/")) == b"hidden"
+    missing = serve("hidden_app:app", cwd=tmp_path, ready=False)
+    assert missing.wait(15) == 1
+    assert "check --chdir or --pythonpath" in missing.output
