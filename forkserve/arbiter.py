@@ -20,14 +20,17 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from forkserve import __version__, cluster, log
-from forkserve.apploader import load_app
+from forkserve.apploader import detect_interface, load_app
 from forkserve.config import Config
+from forkserve.http.response import DateCache, error_response
 from forkserve.restart import Action, ExitFacts, decide
 from forkserve.sockets import BoundSocket, describe, open_binds
 from forkserve.workers.base import BOOT_ERROR_MESSAGE, app_spec, boot
@@ -41,6 +44,9 @@ FAST_STOP_GRACE = 2.0
 # the new connections per second of SCHED_RR on 2 cores, and it is load-aware
 # for these classes too, since a busy worker does not call accept().
 DEFAULT_SCHED = "none"
+# The most the primary buffers of a request head (--buffer-request-head); the
+# worker reads any rest from the socket itself.
+HEAD_BUFFER_MAX = 65536
 
 
 class Arbiter:
@@ -105,6 +111,10 @@ class Arbiter:
             sched = DEFAULT_SCHED
         primary.scheduling_policy = cluster.SCHED_RR if sched == "rr" else cluster.SCHED_NONE
         primary.max_pending = self.config.backlog
+        if sched == "rr":
+            self.configure_round_robin(primary)
+        elif self.config.buffer_request_head:
+            LOG.warning("--buffer-request-head is ignored: it needs --sched rr")
         settings: dict[str, Any] = {"serialization": "json"}
         if self.config.user is not None:
             settings["uid"] = self.config.user
@@ -147,6 +157,56 @@ class Arbiter:
                 result = await result
             if result is not None:
                 return int(result)
+
+    def configure_round_robin(self, primary: cluster.Primary) -> None:
+        """Give the primary's round-robin handles what depends on HTTP.
+
+        A connection reaches a worker only once it has sent bytes (the whole
+        request head with --buffer-request-head), within --header-timeout; a
+        connection that finds every worker busy and --backlog connections
+        waiting is answered 503 by the primary at once; connections waiting
+        in the primary survive a moment without workers.
+        """
+        config = self.config
+        date = DateCache()
+        primary.keep_handles = True  # the pool refills: waiting connections outlive it
+        primary.wait_for_data = float(config.header_timeout)
+        primary.on_overflow = lambda conn: answer_and_close(
+            conn, error_response(503, "server busy; try again shortly", date)
+        )
+
+        def expired(conn: socket.socket, data: bytes) -> None:
+            if not data:
+                conn.close()  # never said a word: nothing to answer
+                return
+            answer_and_close(conn, error_response(408, "request head not received in time", date))
+
+        primary.on_expired = expired
+        if not config.buffer_request_head:
+            return
+        refused = self._head_buffering_refused()
+        if refused:
+            LOG.warning("--buffer-request-head is ignored: %s", refused)
+            return
+        primary.head_complete = head_complete_within(head_limit(config))
+
+    def _head_buffering_refused(self) -> str | None:
+        """Why the primary cannot read request heads for these workers, or None."""
+        config = self.config
+        if config.certfile:
+            return "with TLS the primary would read encrypted bytes"
+        chosen = str(config.worker_class)
+        if chosen == "auto":
+            interface = str(config.interface)
+            if interface == "auto" and self.app is not None:
+                interface = detect_interface(self.app, interface)
+            chosen = "sync" if interface == "wsgi" else "auto"
+        if chosen not in ("sync", "threaded"):
+            return (
+                f"worker class {config.worker_class!r} may be asgi, which reads the socket "
+                "itself; use -k sync or -k threaded, --interface wsgi, or --preload"
+            )
+        return None
 
     # -- workers ----------------------------------------------------------------
 
@@ -413,6 +473,47 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def head_limit(config: Config) -> int:
+    """Bytes the primary reads at most before handing a request head over."""
+    line = int(config.limit_request_line) or 8190
+    fields = int(config.limit_request_fields) or 32768
+    size = int(config.limit_request_field_size) or 8190
+    return min(line + 2 + fields * (size + 2) + 2, HEAD_BUFFER_MAX)
+
+
+def head_complete_within(limit: int) -> Callable[[bytes], bool | None]:
+    """The primary's test for a whole request head (RFC 9112 section 2.1).
+
+    True once the empty line ends the head, or once ``limit`` bytes are in:
+    the worker then answers an oversized head (431) from the bytes it gets.
+    """
+
+    def head_complete(buffer: bytes) -> bool | None:
+        if b"\r\n\r\n" in buffer or b"\n\n" in buffer or len(buffer) >= limit:
+            return True
+        return None
+
+    return head_complete
+
+
+def answer_and_close(conn: socket.socket, response: bytes) -> None:
+    """Send a short response without blocking the primary's loop, then close.
+
+    What the client already sent is read first: closing a socket with unread
+    bytes sends RST, which can destroy the answer before the client reads it.
+    """
+    try:
+        conn.setblocking(False)
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            conn.recv(65536)
+        conn.send(response)
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def set_title(title: str) -> None:

@@ -120,6 +120,10 @@ SETTINGS: tuple[Setting, ...] = (
        help="How connections reach workers: rr (the primary accepts and hands them "
        "round robin to free workers), none (workers accept on a shared socket), or "
        "auto (the server picks per worker class)."),
+    _S("buffer_request_head", boolean, False, ("--buffer-request-head",), is_flag=True,
+       help="With --sched rr, the primary reads each request head (within "
+       "--header-timeout) before a worker gets the connection, so a slow client never "
+       "holds a worker. sync and threaded workers, without TLS."),
     _S("unix_socket_mode", octal_mode, 0o660, ("--unix-socket-mode",), metavar="MODE",
        help="Permissions of a unix: socket, further masked by --umask. Use 0o666 if "
        "the proxy runs as another user outside the socket's group."),

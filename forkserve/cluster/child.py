@@ -184,7 +184,8 @@ class Child(EventEmitter):
             conn.close()
             self.ack(body["key"], body["seq"], accepted=False)
             return
-        listener._deliver(conn, body["seq"])
+        data = body.get("data")
+        listener._deliver(conn, body["seq"], data.encode("latin-1") if data else b"")
 
     def _act_disconnect(self, body: dict[str, Any], fds: tuple[int, ...]) -> None:
         self._disconnect(primary_initiated=True)

@@ -15,6 +15,11 @@ that selects on its listeners also notices a disconnect. After such a wake-up
 ``BlockingIOError`` if no connection is there: the same contract as a shared
 socket raced by several workers.
 
+Under round robin the primary may have read the first bytes of a connection
+already (the server's request-head buffering); ``take_initial_data(conn)``
+returns them, once, to whoever serves the connection (``serve()`` feeds them
+to the stream reader itself).
+
 Imports nothing from forkserve outside this package.
 """
 
@@ -88,6 +93,7 @@ class Listener:
         self.backlog: int | None = None
         self._blocking = True
         self._queue: deque[tuple[socket.socket, int]] = deque()
+        self._initial: dict[socket.socket, bytes] = {}
         self._eventfd = -1
         self._epoll: select.epoll | None = None
         self._waiters: deque[asyncio.Future[tuple[socket.socket, Any]]] = deque()
@@ -152,6 +158,10 @@ class Listener:
             if not child.wait_readable(None):
                 raise _closed_error()
 
+    def take_initial_data(self, conn: socket.socket) -> bytes:
+        """Bytes of ``conn`` the primary read before handing it over (once; else b"")."""
+        return self._initial.pop(conn, b"")
+
     def close(self) -> None:
         """Stop listening; under round robin, waiting connections go back to the primary."""
         if self.closed:
@@ -161,6 +171,7 @@ class Listener:
             self._sock.close()
         while self._queue:
             conn, token = self._queue.popleft()
+            self._initial.pop(conn, None)
             conn.close()
             if self._child is not None:
                 self._child.ack(self.key or "", token, accepted=False)
@@ -238,8 +249,10 @@ class Listener:
 
     # -- round robin (called by the child role) -----------------------------
 
-    def _deliver(self, conn: socket.socket, token: int) -> None:
+    def _deliver(self, conn: socket.socket, token: int, data: bytes = b"") -> None:
         """A connection arrived from the primary for this listener."""
+        if data:
+            self._initial[conn] = data
         if self._serve_cb is not None:
             self._child_ack(token)
             self._start_conn(conn, _peer(conn))
@@ -273,8 +286,12 @@ class Listener:
         cb = self._serve_cb
         assert cb is not None
 
+        initial = self.take_initial_data(conn)
+
         async def run() -> None:
             reader, writer = await asyncio.open_connection(sock=conn)
+            if initial:
+                reader.feed_data(initial)
             result = cb(reader, writer)
             if asyncio.iscoroutine(result):
                 await result

@@ -43,7 +43,7 @@ from .ipc import (
     socketpair,
 )
 from .listener import Listener
-from .round_robin import RoundRobinHandle
+from .round_robin import HeadComplete, OnExpired, OnOverflow, RoundRobinHandle
 from .shared_handle import SharedHandle
 from .starter import (
     INSPECT_PORT_ENV,
@@ -127,7 +127,20 @@ class Primary(EventEmitter):
         self._live: dict[int, Worker] = {}
         self._disconnect_callbacks: list[Callable[[], Any]] = []
         self._idle: asyncio.Event | None = None
+        # Options of the SCHED_RR handles opened from now on (round_robin.py):
+        # the defaults are Node's behaviour; the server built on the cluster
+        # sets them, injecting whatever depends on the protocol it speaks.
         self.max_pending = 0
+        self.wait_for_data = 0.0
+        self.head_complete: HeadComplete | None = None
+        self.on_overflow: OnOverflow | None = None
+        self.on_expired: OnExpired | None = None
+        # A round-robin handle whose last worker leaves keeps its socket and
+        # the connections waiting in it for the next worker (a server that
+        # replaces workers loses nothing while its pool is empty), until
+        # disconnect(). Off: Node's behaviour, the handle closes.
+        self.keep_handles = False
+        self._disconnecting = False
 
     # -- settings and policy ----------------------------------------------------
 
@@ -196,6 +209,7 @@ class Primary(EventEmitter):
     def fork(self, env: Mapping[str, Any] | None = None) -> Worker:
         """Start a worker; ``env`` adds variables to its environment."""
         self.setup_primary()
+        self._disconnecting = False
         settings = self._settings
         self._ids += 1
         worker_id = self._ids
@@ -339,17 +353,32 @@ class Primary(EventEmitter):
             address, backlog=int(body.get("backlog", 511)), reuse_port=bool(body.get("reuse_port"))
         )
         if self.scheduling_policy == SCHED_RR and sock.type == socket.SOCK_STREAM:
-            return RoundRobinHandle(key, sock, self.loop, self._send_conn, self.max_pending)
+            return RoundRobinHandle(
+                key,
+                sock,
+                self.loop,
+                self._send_conn,
+                self.max_pending,
+                wait_for_data=self.wait_for_data,
+                head_complete=self.head_complete,
+                on_overflow=self.on_overflow,
+                on_expired=self.on_expired,
+            )
         return SharedHandle(key, sock)
 
-    def _send_conn(self, worker_id: int, key: str, token: int, conn: socket.socket) -> bool:
+    def _send_conn(
+        self, worker_id: int, key: str, token: int, conn: socket.socket, data: bytes = b""
+    ) -> bool:
         worker = self.workers.get(worker_id)
         record = self._records.get(worker_id)
         if worker is None or record is None or not record.channel.connected:
             return False
-        return record.channel.send(
-            Kind.INTERNAL, {"act": "newconn", "key": key, "seq": token}, (conn,)
-        )
+        body: dict[str, Any] = {"act": "newconn", "key": key, "seq": token}
+        if data:
+            # Bytes the primary already read from the connection. latin-1 maps
+            # each byte to one code point: ASCII stays one byte in the JSON frame.
+            body["data"] = data.decode("latin-1")
+        return record.channel.send(Kind.INTERNAL, body, (conn,))
 
     def _act_listening(self, worker: Worker, body: dict[str, Any]) -> None:
         info = {
@@ -364,8 +393,14 @@ class Primary(EventEmitter):
 
     def _act_close(self, worker: Worker, body: dict[str, Any]) -> None:
         handle = self._handles.get(body.get("key", ""))
-        if handle is not None and handle.remove(worker.id):
+        if handle is not None and self._remove_from(handle, worker):
             del self._handles[handle.key]
+
+    def _remove_from(self, handle: Handle, worker: Worker) -> bool:
+        """Take ``worker`` off ``handle``; True when the handle closed."""
+        if isinstance(handle, RoundRobinHandle):
+            return handle.remove(worker.id, keep=self.keep_handles and not self._disconnecting)
+        return handle.remove(worker.id)
 
     def _act_accepted(self, worker: Worker, body: dict[str, Any]) -> None:
         handle = self._handles.get(body.get("key", ""))
@@ -389,7 +424,7 @@ class Primary(EventEmitter):
 
     def _remove_handles_for(self, worker: Worker) -> None:
         for key, handle in list(self._handles.items()):
-            if handle.remove(worker.id):
+            if self._remove_from(handle, worker):
                 del self._handles[key]
 
     def _remove_worker(self, worker: Worker) -> None:
@@ -514,6 +549,11 @@ class Primary(EventEmitter):
         """Disconnect every worker; ``callback()`` once all are gone and handles closed."""
         if callback is not None:
             self._disconnect_callbacks.append(callback)
+        self._disconnecting = True
+        for key, handle in list(self._handles.items()):
+            if isinstance(handle, RoundRobinHandle) and not handle.queue.workers:
+                handle.close()  # kept for workers that will not come now
+                del self._handles[key]
         if not self.workers:
             callbacks, self._disconnect_callbacks = self._disconnect_callbacks, []
             for item in callbacks:

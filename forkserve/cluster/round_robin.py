@@ -14,7 +14,27 @@ the pending queue: nothing is lost or handed out twice.
 
 ``RoundRobinHandle`` is the I/O edge: it owns the listening socket in the
 primary, accepts in a loop until EAGAIN and sends each assignment through
-the primary's channel to the worker.
+the primary's channel to the worker. Three options, all off by default,
+protect the workers; the handle knows nothing of the protocol spoken, so the
+server injects whatever depends on it:
+
+- ``wait_for_data`` (seconds): an accepted connection is watched on the
+  primary's loop and queued only once readable. One still silent at the
+  deadline goes to ``on_expired`` (default: closed); one that only closes
+  is closed here. A client that connects and waits never holds a worker.
+- ``head_complete``: the handle reads from the connection and asks this
+  predicate about the bytes so far: ``None`` keep reading, ``True`` hand
+  off (the bytes travel with the connection), ``False`` close. With
+  ``wait_for_data`` as the deadline, a client trickling its first bytes
+  never reaches a worker either.
+- ``on_overflow``: with ``max_pending`` reached (no worker free and the
+  queue full), a new connection goes to ``on_overflow`` (which owns it and
+  must close it) instead of waiting in the kernel's backlog, so it can be
+  answered at once. Connections already queued keep their order.
+
+``fds()`` lists every descriptor the primary holds (listening, watched,
+pending, in flight): a child started with ``os.fork()`` must close them all,
+or a connection a worker finished stays open through its copy.
 
 Imports nothing from forkserve outside this package.
 """
@@ -121,6 +141,13 @@ class RoundRobinQueue(Generic[C]):
             slot.in_flight.clear()
         return out
 
+    def held(self) -> list[C]:
+        """Every connection still held (pending or in flight), left in place."""
+        out = list(self.pending)
+        for slot in self._slots.values():
+            out.extend(slot.in_flight.values())
+        return out
+
     def _distribute(self) -> list[Assignment[C]]:
         out: list[Assignment[C]] = []
         while self.pending and self._free:
@@ -136,7 +163,29 @@ class RoundRobinQueue(Generic[C]):
         return out
 
 
-SendConn = Callable[[int, str, int, socket.socket], bool]
+# (worker_id, key, token, conn, data already read from conn) -> sent?
+SendConn = Callable[[int, str, int, socket.socket, bytes], bool]
+HeadComplete = Callable[[bytes], bool | None]
+OnOverflow = Callable[[socket.socket], None]
+OnExpired = Callable[[socket.socket, bytes], None]
+
+# Bytes read from a watched connection per readiness event.
+READ_CHUNK = 16384
+
+
+@dataclass(slots=True)
+class _Watch:
+    """A connection the primary holds until it is readable (or its head is in)."""
+
+    buffer: bytearray = field(default_factory=bytearray)
+    timer: asyncio.TimerHandle | None = None
+
+
+def _close(conn: socket.socket) -> None:
+    try:
+        conn.close()
+    except OSError:
+        pass
 
 
 class RoundRobinHandle:
@@ -151,26 +200,51 @@ class RoundRobinHandle:
         loop: asyncio.AbstractEventLoop,
         send_conn: SendConn,
         max_pending: int = 0,
+        *,
+        wait_for_data: float = 0.0,
+        head_complete: HeadComplete | None = None,
+        on_overflow: OnOverflow | None = None,
+        on_expired: OnExpired | None = None,
     ) -> None:
         self.key = key
         self.sock = sock
         self.loop = loop
         self._send_conn = send_conn
         self.queue: RoundRobinQueue[socket.socket] = RoundRobinQueue(max_pending)
+        self.wait_for_data = wait_for_data
+        self.head_complete = head_complete
+        self.on_overflow = on_overflow
+        self.on_expired = on_expired
+        self.watching: dict[socket.socket, _Watch] = {}
+        # Bytes already read from a queued or in-flight connection: they go with it.
+        self._data: dict[socket.socket, bytes] = {}
         self._reading = False
         self.closed = False
         sock.setblocking(False)
+
+    @property
+    def _watches(self) -> bool:
+        return self.wait_for_data > 0 or self.head_complete is not None
 
     def add(self, worker_id: int, credits: int = 1) -> None:
         self._dispatch(self.queue.add(worker_id, credits))
         self._update_reading()
 
-    def remove(self, worker_id: int) -> bool:
-        """Forget a worker; True when no worker is left (the handle closed)."""
+    def remove(self, worker_id: int, keep: bool = False) -> bool:
+        """Forget a worker; True when no worker is left (the handle closed).
+
+        Its unacknowledged connections go to the next free workers, with the
+        bytes already read from them. With ``keep`` a handle left without
+        workers stays open: it stops accepting and holds what it has for the
+        next worker that listens on it.
+        """
         if worker_id not in self.queue:
-            return not self.queue.workers
+            return not self.queue.workers and not keep
         self._dispatch(self.queue.remove(worker_id))
         if not self.queue.workers:
+            if keep:
+                self._update_reading()
+                return False
             self.close()
             return True
         return False
@@ -178,13 +252,16 @@ class RoundRobinHandle:
     def ack(self, worker_id: int, token: int, accepted: bool) -> None:
         conn, assignments = self.queue.ack(worker_id, token, accepted)
         if conn is not None and accepted:
+            self._data.pop(conn, None)
             conn.close()
         self._dispatch(assignments)
         self._update_reading()
 
+    # -- accepting ----------------------------------------------------------------
+
     def _on_readable(self) -> None:
         for _ in range(ACCEPT_BATCH):
-            if self.queue.full:
+            if self.queue.full and self.on_overflow is None:
                 break
             try:
                 conn, _addr = self.sock.accept()
@@ -193,17 +270,118 @@ class RoundRobinHandle:
             except OSError:
                 # ECONNABORTED and friends: the client left before we took it.
                 continue
-            self._dispatch(self.queue.push(conn))
+            if self._watches:
+                self._watch(conn)
+            else:
+                self._admit(conn, b"")
         self._update_reading()
+
+    def _admit(self, conn: socket.socket, data: bytes) -> None:
+        """Queue a connection, or hand it to ``on_overflow`` when the queue is full."""
+        if self.queue.full and self.on_overflow is not None:
+            try:
+                self.on_overflow(conn)
+            except Exception:
+                _close(conn)
+            return
+        if data:
+            self._data[conn] = data
+        self._dispatch(self.queue.push(conn))
+
+    # -- watching (wait_for_data, head_complete) ------------------------------------
+
+    def _watch(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(False)
+            self.loop.add_reader(conn.fileno(), self._on_conn_readable, conn)
+        except (OSError, ValueError):
+            _close(conn)
+            return
+        watch = _Watch()
+        if self.wait_for_data > 0:
+            watch.timer = self.loop.call_later(self.wait_for_data, self._on_deadline, conn)
+        self.watching[conn] = watch
+
+    def _unwatch(self, conn: socket.socket) -> _Watch | None:
+        watch = self.watching.pop(conn, None)
+        if watch is None:
+            return None
+        if watch.timer is not None:
+            watch.timer.cancel()
+        try:
+            self.loop.remove_reader(conn.fileno())
+        except (OSError, ValueError):
+            pass
+        return watch
+
+    def _on_conn_readable(self, conn: socket.socket) -> None:
+        watch = self.watching.get(conn)
+        if watch is None:
+            return
+        verdict: bool | None
+        try:
+            if self.head_complete is None:
+                # Peek: the worker reads the bytes itself; b"" means the client left.
+                chunk = conn.recv(1, socket.MSG_PEEK)
+            else:
+                chunk = conn.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._unwatch(conn)
+            _close(conn)
+            return
+        if self.head_complete is None:
+            verdict = True
+        else:
+            watch.buffer += chunk
+            try:
+                verdict = self.head_complete(bytes(watch.buffer))
+            except Exception:
+                verdict = False
+        if verdict is None:
+            return
+        self._unwatch(conn)
+        if not verdict:
+            _close(conn)
+            return
+        try:
+            conn.setblocking(True)
+        except OSError:
+            _close(conn)
+            return
+        self._admit(conn, bytes(watch.buffer))
+        self._update_reading()
+
+    def _on_deadline(self, conn: socket.socket) -> None:
+        watch = self._unwatch(conn)
+        if watch is None:
+            return
+        if self.on_expired is None:
+            _close(conn)
+            return
+        try:
+            self.on_expired(conn, bytes(watch.buffer))
+        except Exception:
+            _close(conn)
+
+    # -- hand-off -------------------------------------------------------------------
 
     def _dispatch(self, assignments: list[Assignment[socket.socket]]) -> None:
         for item in assignments:
-            if not self._send_conn(item.worker_id, self.key, item.token, item.conn):
+            data = self._data.get(item.conn, b"")
+            if not self._send_conn(item.worker_id, self.key, item.token, item.conn, data):
                 # The channel is gone; the worker's removal hands the conn out again.
                 continue
 
     def _update_reading(self) -> None:
-        want = not self.closed and bool(self.queue.workers) and not self.queue.full
+        want = (
+            not self.closed
+            and bool(self.queue.workers)
+            and (not self.queue.full or self.on_overflow is not None)
+        )
         if want and not self._reading:
             self.loop.add_reader(self.sock.fileno(), self._on_readable)
             self._reading = True
@@ -221,12 +399,17 @@ class RoundRobinHandle:
             self.loop.remove_reader(self.sock.fileno())
             self._reading = False
         self.closed = True
+        for conn in list(self.watching):
+            self._unwatch(conn)
+            _close(conn)
         for conn in self.queue.drain():
             conn.close()
+        self._data.clear()
         self.sock.close()
 
     def fds(self) -> list[int]:
-        """Descriptors a forked child must close."""
+        """Descriptors a forked child must close: every socket the primary holds."""
         fds = [self.sock.fileno()]
-        fds.extend(c.fileno() for c in self.queue.pending)
+        fds.extend(c.fileno() for c in self.watching)
+        fds.extend(c.fileno() for c in self.queue.held())
         return [fd for fd in fds if fd >= 0]

@@ -84,7 +84,15 @@ class SyncWorker(WorkerBase):
                 server = listener.getsockname()
             except OSError:
                 server = None
-            connection = WSGIConnection(transport, self.app, options, addr, server, extra)
+            connection = WSGIConnection(
+                transport,
+                self.app,
+                options,
+                addr,
+                server,
+                extra,
+                initial_data=listener.take_initial_data(conn),
+            )
 
             def pipelined() -> bool:
                 # Keep the connection only for requests the client already sent.

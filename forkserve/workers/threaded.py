@@ -75,10 +75,12 @@ class _Source(enum.Enum):
 class _Conn:
     """One client connection and, once served, its HTTP state."""
 
-    __slots__ = ("addr", "deadline", "server", "sock", "wsgi")
+    __slots__ = ("addr", "deadline", "initial", "server", "sock", "wsgi")
 
     def __init__(self, sock: socket.socket, addr: Any, server: Any) -> None:
         self.sock = sock
+        # Bytes the primary read before the hand-off (--buffer-request-head).
+        self.initial = b""
         self.addr = addr
         self.server = server
         self.wsgi: WSGIConnection | None = None
@@ -362,10 +364,11 @@ class ThreadedWorker(WorkerBase):
                 server = None
         sock.setblocking(True)
         conn = _Conn(sock, addr, server)
+        conn.initial = listener.take_initial_data(sock)
         self._connections += 1
         if self._connections > self.max_connections:
             self._make_room()
-        if _readable_now(sock):
+        if conn.initial or _readable_now(sock):
             self._start(conn)
         else:
             timeout = self.header_timeout
@@ -452,8 +455,15 @@ class ThreadedWorker(WorkerBase):
                 # TLS handshakes happen here, not in the main thread.
                 conn.sock = self.prepare_connection(conn.sock)
                 wsgi = conn.wsgi = WSGIConnection(
-                    conn.sock, self.app, self._options, conn.addr, conn.server, self._extra
+                    conn.sock,
+                    self.app,
+                    self._options,
+                    conn.addr,
+                    conn.server,
+                    self._extra,
+                    initial_data=conn.initial,
                 )
+                conn.initial = b""
             if self.stopping or self.keepalive <= 0:
                 wsgi.close_after_response = True
             while True:

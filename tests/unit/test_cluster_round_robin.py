@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
+from collections.abc import Iterator
+from typing import Any
 
-from forkserve.cluster.round_robin import RoundRobinQueue
+import pytest
+
+from forkserve.cluster.round_robin import RoundRobinHandle, RoundRobinQueue
 
 
 def owners(assignments):
@@ -144,3 +149,332 @@ def test_tokens_are_unique():
     q.add(1, credits=10)
     tokens = [a.token for n in range(10) for a in q.push(n)]
     assert len(set(tokens)) == 10
+
+
+def test_held_lists_pending_and_in_flight_and_keeps_them():
+    q = RoundRobinQueue()
+    q.add(1)
+    q.push("a")
+    q.push("b")
+    assert sorted(q.held()) == ["a", "b"]
+    assert list(q.pending) == ["b"]
+    assert sorted(q.held()) == ["a", "b"]
+
+
+def test_in_flight_of_a_removed_worker_goes_to_the_next_free_one_first():
+    q = RoundRobinQueue()
+    q.add(1)
+    q.add(2)
+    (a,) = q.push("a")
+    (b,) = q.push("b")
+    q.push("c")
+    assert (a.worker_id, b.worker_id) == (1, 2)
+    _, nxt = q.ack(2, b.token, True)  # worker 2 took "b" and, free again, gets "c"
+    (c,) = nxt
+    assert (c.worker_id, c.conn) == (2, "c")
+    assert owners(q.remove(1)) == []  # nobody is free: "a" waits, first in line
+    assert list(q.pending) == ["a"]
+    conn, nxt = q.ack(2, c.token, True)
+    assert conn == "c" and owners(nxt) == [(2, "a")]
+
+
+# -- RoundRobinHandle, on a recording loop ---------------------------------------------------
+
+
+class FakeTimer:
+    def __init__(self, delay: float, callback: Any, args: tuple[Any, ...]) -> None:
+        self.delay = delay
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def fire(self) -> None:
+        assert not self.cancelled
+        self.callback(*self.args)
+
+
+class FakeLoop:
+    """add_reader/remove_reader/call_later, run by hand."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, tuple[Any, tuple[Any, ...]]] = {}
+        self.timers: list[FakeTimer] = []
+
+    def add_reader(self, fd: int, callback: Any, *args: Any) -> None:
+        self.readers[fd] = (callback, args)
+
+    def remove_reader(self, fd: int) -> bool:
+        return self.readers.pop(fd, None) is not None
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> FakeTimer:
+        timer = FakeTimer(delay, callback, args)
+        self.timers.append(timer)
+        return timer
+
+    def ready(self, fd: int) -> None:
+        callback, args = self.readers[fd]
+        callback(*args)
+
+
+class FakeListening:
+    """A listening socket whose accept() hands out the server ends of socketpairs."""
+
+    def __init__(self) -> None:
+        self.waiting: list[socket.socket] = []
+        self.closed = False
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1 if self.closed else 1000
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if not self.waiting:
+            raise BlockingIOError
+        return self.waiting.pop(0), ("127.0.0.1", 1)
+
+    def getsockname(self) -> Any:
+        return ("127.0.0.1", 0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Rig:
+    def __init__(self, **options: Any) -> None:
+        self.loop = FakeLoop()
+        self.listening = FakeListening()
+        self.sent: list[tuple[int, int, socket.socket, bytes]] = []
+        self.clients: list[socket.socket] = []
+        self.handle = RoundRobinHandle(
+            "k",
+            self.listening,  # type: ignore[arg-type]
+            self.loop,  # type: ignore[arg-type]
+            self.send_conn,
+            **options,
+        )
+
+    def send_conn(
+        self, worker_id: int, key: str, token: int, conn: socket.socket, data: bytes
+    ) -> bool:
+        self.sent.append((worker_id, token, conn, data))
+        return True
+
+    def connect(self) -> socket.socket:
+        """A client connects; the primary's listening socket becomes readable."""
+        client, server = socket.socketpair()
+        self.clients.append(client)
+        self.listening.waiting.append(server)
+        self.loop.ready(1000)
+        return client
+
+    def watched(self) -> list[socket.socket]:
+        return list(self.handle.watching)
+
+    def close(self) -> None:
+        self.handle.close()
+        for client in self.clients:
+            client.close()
+
+
+@pytest.fixture
+def rig_factory() -> Iterator[Any]:
+    rigs: list[Rig] = []
+
+    def make(**options: Any) -> Rig:
+        rig = Rig(**options)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+def test_handle_without_options_hands_over_at_once(rig_factory: Any) -> None:
+    rig = rig_factory()
+    rig.handle.add(1)
+    rig.connect()
+    assert [(w, d) for w, _, _, d in rig.sent] == [(1, b"")]
+    assert rig.watched() == []
+
+
+def test_wait_for_data_holds_a_silent_connection_until_it_speaks(rig_factory: Any) -> None:
+    rig = rig_factory(wait_for_data=2.0)
+    rig.handle.add(1)
+    client = rig.connect()
+    (conn,) = rig.watched()
+    assert rig.sent == []
+    assert [t.delay for t in rig.loop.timers] == [2.0]
+    client.sendall(b"GET / HTTP/1.1\r\n")
+    rig.loop.ready(conn.fileno())
+    assert [(w, c, d) for w, _, c, d in rig.sent] == [(1, conn, b"")]
+    assert rig.loop.timers[0].cancelled
+    assert conn.fileno() not in rig.loop.readers
+    assert conn.recv(100, socket.MSG_PEEK) == b"GET / HTTP/1.1\r\n"  # only peeked at
+
+
+def test_wait_for_data_deadline_goes_to_on_expired(rig_factory: Any) -> None:
+    expired: list[tuple[socket.socket, bytes]] = []
+    rig = rig_factory(wait_for_data=1.0, on_expired=lambda c, d: expired.append((c, d)))
+    rig.handle.add(1)
+    rig.connect()
+    (conn,) = rig.watched()
+    rig.loop.timers[0].fire()
+    assert expired == [(conn, b"")]
+    assert rig.watched() == [] and rig.sent == []
+    assert conn.fileno() not in rig.loop.readers
+
+
+def test_wait_for_data_deadline_closes_by_default(rig_factory: Any) -> None:
+    rig = rig_factory(wait_for_data=1.0)
+    rig.handle.add(1)
+    client = rig.connect()
+    rig.loop.timers[0].fire()
+    client.settimeout(1)
+    assert client.recv(10) == b""
+
+
+def test_a_client_that_only_closes_never_reaches_a_worker(rig_factory: Any) -> None:
+    rig = rig_factory(wait_for_data=1.0)
+    rig.handle.add(1)
+    client = rig.connect()
+    (conn,) = rig.watched()
+    client.close()
+    rig.loop.ready(conn.fileno())
+    assert rig.sent == [] and rig.watched() == []
+    assert conn.fileno() == -1
+
+
+def test_head_complete_buffers_and_the_bytes_travel_with_the_connection(
+    rig_factory: Any,
+) -> None:
+    seen: list[bytes] = []
+
+    def complete(buffer: bytes) -> bool | None:
+        seen.append(buffer)
+        return True if b"\r\n\r\n" in buffer else None
+
+    rig = rig_factory(wait_for_data=1.0, head_complete=complete)
+    rig.handle.add(1)
+    rig.handle.add(2)
+    client = rig.connect()
+    (conn,) = rig.watched()
+    client.sendall(b"GET / HTTP/1.1\r\n")
+    rig.loop.ready(conn.fileno())
+    assert rig.sent == []
+    client.sendall(b"Host: x\r\n\r\n")
+    rig.loop.ready(conn.fileno())
+    head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert seen == [b"GET / HTTP/1.1\r\n", head]
+    assert [(w, c, d) for w, _, c, d in rig.sent] == [(1, conn, head)]
+    assert conn.getblocking()
+    # Worker 1 dies before taking it: worker 2 gets it, with the same bytes.
+    rig.handle.remove(1)
+    assert [(w, c, d) for w, _, c, d in rig.sent[1:]] == [(2, conn, head)]
+    # Once taken, the primary forgets the connection and its bytes.
+    token = rig.sent[-1][1]
+    rig.handle.ack(2, token, True)
+    assert conn.fileno() == -1
+    assert rig.handle._data == {}
+
+
+def test_head_complete_false_closes(rig_factory: Any) -> None:
+    rig = rig_factory(wait_for_data=1.0, head_complete=lambda buffer: False)
+    rig.handle.add(1)
+    client = rig.connect()
+    (conn,) = rig.watched()
+    client.sendall(b"\x16\x03\x01")
+    rig.loop.ready(conn.fileno())
+    assert rig.sent == [] and rig.watched() == []
+    assert conn.fileno() == -1
+
+
+def test_a_partial_head_at_the_deadline_goes_to_on_expired_with_its_bytes(
+    rig_factory: Any,
+) -> None:
+    expired: list[bytes] = []
+    rig = rig_factory(
+        wait_for_data=1.0,
+        head_complete=lambda buffer: None,
+        on_expired=lambda c, d: (expired.append(d), c.close()),
+    )
+    rig.handle.add(1)
+    client = rig.connect()
+    (conn,) = rig.watched()
+    client.sendall(b"GE")
+    rig.loop.ready(conn.fileno())
+    rig.loop.timers[0].fire()
+    assert expired == [b"GE"] and rig.sent == []
+
+
+def test_overflow_goes_to_on_overflow_and_the_queue_keeps_its_order(rig_factory: Any) -> None:
+    overflowed: list[socket.socket] = []
+    rig = rig_factory(max_pending=2, on_overflow=overflowed.append)
+    rig.handle.add(1)
+    for _ in range(5):
+        rig.connect()
+    # One in the worker's hand, two waiting, two refused at once.
+    assert len(rig.sent) == 1
+    assert len(rig.handle.queue.pending) == 2
+    assert len(overflowed) == 2
+    assert 1000 in rig.loop.readers  # still accepting, to answer the next ones
+    queued = list(rig.handle.queue.pending)
+    rig.handle.ack(1, rig.sent[0][1], True)
+    assert rig.sent[1][2] is queued[0]
+    for conn in overflowed:
+        conn.close()
+
+
+def test_without_on_overflow_a_full_queue_stops_accepting(rig_factory: Any) -> None:
+    rig = rig_factory(max_pending=1)
+    rig.handle.add(1)
+    rig.connect()
+    rig.connect()
+    assert rig.handle.queue.full
+    assert 1000 not in rig.loop.readers  # the kernel's backlog holds the next ones
+
+
+def test_kept_handle_survives_an_empty_pool(rig_factory: Any) -> None:
+    rig = rig_factory()
+    rig.handle.add(1)
+    rig.connect()
+    rig.connect()
+    first, second = rig.sent[0][2], rig.handle.queue.pending[0]
+    assert rig.handle.remove(1, keep=True) is False
+    assert not rig.handle.closed
+    assert 1000 not in rig.loop.readers  # nobody to hand new ones to
+    assert list(rig.handle.queue.pending) == [first, second]
+    rig.handle.add(2)
+    assert rig.sent[-1][0] == 2 and rig.sent[-1][2] is first
+    assert 1000 in rig.loop.readers
+
+
+def test_handle_closes_with_its_last_worker_by_default(rig_factory: Any) -> None:
+    rig = rig_factory(wait_for_data=1.0)
+    rig.handle.add(1)
+    rig.connect()
+    (watched,) = rig.watched()
+    assert rig.handle.remove(1) is True
+    assert rig.handle.closed and rig.listening.closed
+    assert watched.fileno() == -1
+    assert rig.loop.readers == {}
+
+
+def test_fds_lists_every_socket_the_primary_holds(rig_factory: Any) -> None:
+    rig = rig_factory(wait_for_data=1.0)
+    rig.handle.add(1)
+    for _ in range(3):
+        rig.connect()
+    watched = rig.watched()
+    for client in rig.clients[:2]:
+        client.sendall(b"x")
+    for conn in watched[:2]:
+        rig.loop.ready(conn.fileno())
+    # One in flight, one pending, one still watched.
+    fds = set(rig.handle.fds())
+    assert fds == {1000} | {conn.fileno() for conn in watched}
