@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from forkserve import __version__, cluster, log
+from forkserve import __version__, cluster, log, systemd
 from forkserve.apploader import detect_interface, load_app
 from forkserve.config import Config
 from forkserve.http.response import DateCache, error_response
@@ -62,6 +62,7 @@ class Arbiter:
         self.exit_code = 0
         self.booted: set[int] = set()
         self.retiring: deque[cluster.Worker] = deque()
+        self.reloading = False
         self.started_at: dict[int, float] = {}
         self.listening: dict[int, int] = {}
         self.crashes: deque[float] = deque()
@@ -88,8 +89,16 @@ class Arbiter:
             self.app = load_app(
                 app_spec(config), factory=config.factory, pythonpath=config.pythonpath
             )
+        activated = systemd.listen_fds()
+        binds = list(config.bind)
+        if activated and config.sources.get("bind") == "default":
+            # Socket activation without -b: serve every socket systemd passed.
+            binds = [f"fd://{item.fd}" for item in activated]
         self.binds = open_binds(
-            list(config.bind), backlog=config.backlog, unix_mode=config.unix_socket_mode
+            binds,
+            backlog=config.backlog,
+            unix_mode=config.unix_socket_mode,
+            named={item.name: item.fd for item in activated},
         )
         self.bind_fds = [bound.fileno() for bound in self.binds]
         try:
@@ -147,6 +156,9 @@ class Arbiter:
             loop.add_signal_handler(getattr(signal, name), self._queue.put_nowait, name)
         for _ in range(self.num_workers):
             self.spawn_worker()
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._watchdog(loop, interval)
         while True:
             name = await self._queue.get()
             handler = getattr(self, f"handle_{name[3:].lower()}", None)
@@ -208,6 +220,11 @@ class Arbiter:
             )
         return None
 
+    def _watchdog(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        """``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while the arbiter's loop runs."""
+        systemd.notify("WATCHDOG=1")
+        loop.call_later(interval, self._watchdog, loop, interval)
+
     # -- workers ----------------------------------------------------------------
 
     def spawn_worker(self) -> None:
@@ -255,8 +272,12 @@ class Arbiter:
             self.booted.add(worker.id)
             LOG.debug("worker %s (pid %s) is ready", worker.id, worker.process.pid)
             self._retire_one()
+            if self.reloading and not self.retiring:
+                self.reloading = False
+                systemd.ready(f"reloaded: {len(self.booted)} workers serving")
             if not self.ready_logged and len(self.booted) >= self.num_workers:
                 self.ready_logged = True
+                systemd.ready(f"{len(self.booted)} workers serving")
                 LOG.info("ready: %s workers serving", len(self.booted))
                 self._call_hook("when_ready", self)
 
@@ -389,6 +410,8 @@ class Arbiter:
         assert self.primary is not None
         old = [w for w in self.primary.workers.values() if w not in self.retiring]
         LOG.info("SIGHUP: replacing %s workers", len(old))
+        systemd.reloading()
+        self.reloading = True
         self.retiring.extend(old)
         for _ in old:
             self.spawn_worker()
@@ -400,6 +423,7 @@ class Arbiter:
         """Stop every worker: disconnect and wait (graceful) or signal them (fast)."""
         assert self.primary is not None
         self.stopping = True
+        systemd.stopping()
         primary = self.primary
         # Workers already disconnected have left ``workers`` but may still be running.
         alive = [w for w in primary.live_workers() if not w.is_dead()]

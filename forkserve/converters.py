@@ -135,7 +135,7 @@ def _items(value: Any, separators: str, expected: str) -> list[str]:
     raise ValueError(expected)
 
 
-_BIND_FORM = "expected host:port, [ipv6]:port, unix:/path or fd://N"
+_BIND_FORM = "expected host:port, [ipv6]:port, unix:/path, fd://N or fd://NAME"
 
 
 def _bind_address(item: str) -> str:
@@ -144,8 +144,9 @@ def _bind_address(item: str) -> str:
             raise ValueError(_BIND_FORM)
         return item
     if item.startswith("fd://"):
-        number = item[len("fd://") :]
-        if not number.isdigit():
+        # fd://N, or fd://NAME for a socket systemd passed (LISTEN_FDNAMES).
+        label = item[len("fd://") :]
+        if not label or not (label.isdigit() or label.replace("-", "_").isidentifier()):
             raise ValueError(_BIND_FORM)
         return item
     if item.startswith("["):

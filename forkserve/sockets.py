@@ -68,11 +68,29 @@ def open_bind(bind: str, *, backlog: int, unix_mode: int = 0o660) -> BoundSocket
 
 
 def open_binds(
-    binds: tuple[str, ...] | list[str], *, backlog: int, unix_mode: int
+    binds: tuple[str, ...] | list[str],
+    *,
+    backlog: int,
+    unix_mode: int,
+    named: dict[str, int] | None = None,
 ) -> list[BoundSocket]:
+    """Open every bind; ``fd://NAME`` refers to ``named`` (systemd's sockets)."""
     opened: list[BoundSocket] = []
+    named = named or {}
     try:
         for bind in binds:
+            label = bind[len("fd://") :] if bind.startswith("fd://") else ""
+            if label and not label.isdigit():
+                if label not in named:
+                    known = ", ".join(sorted(named)) or "none"
+                    raise BindError(
+                        f"bind {bind}: no socket named {label!r} was passed by systemd "
+                        f"(names: {known}); check FileDescriptorName= in the .socket unit"
+                    )
+                target = f"fd://{named[label]}"
+                opened.append(open_bind(target, backlog=backlog, unix_mode=unix_mode))
+                opened[-1].name = bind
+                continue
             opened.append(open_bind(bind, backlog=backlog, unix_mode=unix_mode))
     except BindError:
         for item in opened:
