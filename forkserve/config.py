@@ -112,8 +112,9 @@ SETTINGS: tuple[Setting, ...] = (
     # server
     _S("bind", bind_list, ("127.0.0.1:8000",), ("-b", "--bind"), multiple=True,
        metavar="ADDRESS",
-       help="Address to listen on: host:port, [ipv6]:port, unix:/path, fd://N, or fd://NAME (a systemd socket). "
-       "Repeat for several. Defaults to 0.0.0.0:$PORT when PORT is set."),
+       help="Address to listen on: host:port, [ipv6]:port, unix:/path, fd://N, or "
+       "fd://NAME (a systemd socket). Repeat for several. Defaults to 0.0.0.0:$PORT "
+       "when PORT is set."),
     _S("backlog", positive_int, 2048, ("--backlog",), metavar="INT",
        help="Maximum number of pending connections per listening socket."),
     _S("sched", text, "auto", ("--sched",), choices=("auto", "rr", "none"),

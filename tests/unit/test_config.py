@@ -380,12 +380,23 @@ def test_bind_forms(tmp_path: Path, text: str, expected: tuple[str, ...]) -> Non
 
 @pytest.mark.parametrize(
     "text",
-    ["::1:8000", "[::1", "[nothost]:80", "host:port", "host:70000", "unix:", "fd://x", ":8000", ""],
+    [
+        "::1:8000",
+        "[::1",
+        "[nothost]:80",
+        "host:port",
+        "host:70000",
+        "unix:",
+        "fd://",
+        "fd://a b",
+        ":8000",
+        "",
+    ],
 )
 def test_bad_bind_forms(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(tmp_path, {"bind": (text,)})
-    assert "expected host:port, [ipv6]:port, unix:/path or fd://N" in str(info.value)
+    assert "expected host:port, [ipv6]:port, unix:/path, fd://N or fd://NAME" in str(info.value)
 
 
 @pytest.mark.parametrize(
