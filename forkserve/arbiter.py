@@ -154,6 +154,9 @@ class Arbiter:
         self._queue = asyncio.Queue()
         for name in SIGNALS:
             loop.add_signal_handler(getattr(signal, name), self._queue.put_nowait, name)
+        if os.getpid() == 1:
+            # As PID 1 (a container's entrypoint) orphans are re-parented to us.
+            loop.add_signal_handler(signal.SIGCHLD, self.reap_orphans)
         for _ in range(self.num_workers):
             self.spawn_worker()
         interval = systemd.watchdog_interval()
@@ -219,6 +222,15 @@ class Arbiter:
                 "itself; use -k sync or -k threaded, --interface wsgi, or --preload"
             )
         return None
+
+    def reap_orphans(self) -> None:
+        """Reap exited processes that are not workers (their exits are watched apart)."""
+        assert self.primary is not None
+        workers = {w.process.pid for w in self.primary.live_workers()}
+        for pid in zombie_children(os.getpid()):
+            if pid not in workers:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
 
     def _watchdog(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         """``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while the arbiter's loop runs."""
@@ -487,6 +499,22 @@ class Arbiter:
             with contextlib.suppress(OSError), open(self.config.pidfile) as handle:
                 if int(handle.read().strip() or 0) == os.getpid():
                     os.unlink(self.config.pidfile)
+
+
+def zombie_children(parent: int) -> list[int]:
+    """Pids of exited, unreaped children of ``parent`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" and int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
 
 
 def _alive(pid: int) -> bool:

@@ -32,6 +32,26 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
     elif path == "/env":
         keep = {k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple))}
         body = json.dumps(keep, default=str).encode()
+    elif path == "/orphan":
+        # Leave a grandchild behind: it is re-parented to PID 1 when it exits.
+        child = os.fork()
+        if child == 0:
+            if os.fork() == 0:
+                os.execv("/bin/sleep", ["sleep", "0.2"])
+            os._exit(0)
+        os.waitpid(child, 0)
+        body = b"orphaned"
+    elif path == "/zombies":
+        count = 0
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as handle:
+                        if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            count += 1
+                except (OSError, IndexError):
+                    pass
+        body = str(count).encode()
     elif path == "/osenv":
         body = os.environ.get(environ.get("QUERY_STRING", ""), "-").encode()
     elif path == "/cwd":
