@@ -71,6 +71,7 @@ class Arbiter:
         self.ready_logged = False
         self._queue: asyncio.Queue[str] | None = None
         self._pidfile_written = False
+        self.attached_to_terminal = False
         self.bind_fds: list[int] = []
 
     # -- start ----------------------------------------------------------------
@@ -89,6 +90,7 @@ class Arbiter:
             self.app = load_app(
                 app_spec(config), factory=config.factory, pythonpath=config.pythonpath
             )
+        self.attached_to_terminal = not config.daemon and _has_terminal()
         activated = systemd.listen_fds()
         binds = list(config.bind)
         if activated and config.sources.get("bind") == "default":
@@ -101,6 +103,8 @@ class Arbiter:
             named={item.name: item.fd for item in activated},
         )
         self.bind_fds = [bound.fileno() for bound in self.binds]
+        if config.daemon:
+            daemonize()
         try:
             self._write_pidfile()
             set_title(f"forkserve: primary [{config.proc_name or config.app}]")
@@ -429,7 +433,20 @@ class Arbiter:
             self.spawn_worker()
 
     def handle_winch(self) -> None:
-        """Ignored unless daemonized (terminal resizes send it), as gunicorn does."""
+        """Retire every worker and keep the primary (TTIN brings workers back).
+
+        A terminal sends WINCH to its foreground group on every resize, so it
+        is ignored while forkserve runs attached to one, as gunicorn does.
+        """
+        assert self.primary is not None
+        if self.attached_to_terminal:
+            LOG.info("SIGWINCH ignored: attached to a terminal")
+            return
+        LOG.info("SIGWINCH: retiring all %s workers", self.num_workers)
+        self.num_workers = 0
+        self.retiring.clear()
+        for worker in list(self.primary.workers.values()):
+            worker.disconnect()
 
     async def stop(self, graceful: bool) -> None:
         """Stop every worker: disconnect and wait (graceful) or signal them (fast)."""
@@ -499,6 +516,34 @@ class Arbiter:
             with contextlib.suppress(OSError), open(self.config.pidfile) as handle:
                 if int(handle.read().strip() or 0) == os.getpid():
                     os.unlink(self.config.pidfile)
+
+
+def _has_terminal() -> bool:
+    try:
+        os.tcgetpgrp(sys.stdin.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def daemonize() -> None:
+    """Detach: fork twice, start a new session, point stdio at /dev/null.
+
+    The command returns at once with status 0; the server runs on in the
+    grandchild, whose pid goes to ``--pid``.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
 
 
 def zombie_children(parent: int) -> list[int]:

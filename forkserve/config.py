@@ -193,8 +193,10 @@ SETTINGS: tuple[Setting, ...] = (
        help="Run workers as this group (name or gid)."),
     _S("umask", octal_mode, 0, ("-m", "--umask"), section="process", metavar="MODE",
        help="Umask of the server processes, e.g. 0o22 or 022."),
+    _S("daemon", boolean, False, ("-D", "--daemon"), section="process", is_flag=True,
+       help="Detach from the terminal and run in the background (use with --pid)."),
     _S("proc_name", optional_text, None, ("-n", "--name"), section="process", metavar="NAME",
-       help="Process title prefix (needs setproctitle); defaults to the APP string."),
+       help="Process title prefix: forkserve: primary [NAME]; defaults to the APP string."),
     # logging
     _S("loglevel", text, "info", ("--log-level",), section="logging",
        choices=("debug", "info", "warning", "error", "critical"),

@@ -53,7 +53,12 @@ def backoff(recent_crashes: int) -> float:
 def decide(facts: ExitFacts) -> Decision:
     if facts.stopping:
         return Decision(Action.NOTHING, reason="shutting down")
-    if not facts.booted and facts.code in (WORKER_BOOT_ERROR, APP_LOAD_ERROR):
+    # A worker told to leave while booting may fail its boot: that is not a
+    # reason to stop the server, so intent is looked at first.
+    if not facts.deliberate and not facts.booted and facts.code in (
+        WORKER_BOOT_ERROR,
+        APP_LOAD_ERROR,
+    ):
         return Decision(Action.HALT, reason="worker failed to boot")
     if facts.deliberate:
         if facts.running < facts.wanted:

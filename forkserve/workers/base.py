@@ -261,6 +261,9 @@ def boot(config: Config, app: Any, bind_fds: list[int], worker_class: str) -> in
         for fd in bind_fds:
             listeners.append(cluster.listen({"fd": fd}, backlog=config.backlog))
     except OSError as exc:
+        worker = cluster.worker
+        if worker is not None and worker.exited_after_disconnect:
+            return 0  # told to leave while booting: a deliberate exit, not a failure
         return report_boot_error(f"cannot get a listener: {exc}", WORKER_BOOT_ERROR)
     LOG.debug(
         "worker %s (pid %s) booted as %s in %.3fs",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -405,3 +406,84 @@ def test_chdir_and_pythonpath_find_the_app(serve, tmp_path: Path) -> None:
     missing = serve("hidden_app:app", cwd=tmp_path, ready=False)
     assert missing.wait(15) == 1
     assert "check --chdir or --pythonpath" in missing.output
+
+
+def test_stale_pidfile_is_replaced_and_a_live_one_refused(serve, tmp_path: Path) -> None:
+    pidfile = tmp_path / "fs.pid"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pidfile.write_text(f"{dead.pid}\n")
+    first = serve("wsgi_apps:hello", "--pid", str(pidfile))
+    assert int(pidfile.read_text()) == first.pid
+    second = serve("wsgi_apps:hello", "--pid", str(pidfile), ready=False)
+    assert second.wait(15) != 0
+    assert f"process {first.pid} is running" in second.output
+    assert int(pidfile.read_text()) == first.pid
+
+
+def test_process_titles(serve) -> None:
+    server = serve("wsgi_apps:hello", "-w", "2", "-n", "shop", workers=2)
+
+    def title(pid: int) -> str:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode().strip()
+
+    assert title(server.pid) == "forkserve: primary [shop]"
+    assert sorted(title(pid) for pid in server.workers()) == [
+        "forkserve: worker 1 [shop]",
+        "forkserve: worker 2 [shop]",
+    ]
+
+
+def test_usr1_reopens_log_files(serve, tmp_path: Path) -> None:
+    access = tmp_path / "access.log"
+    server = serve("wsgi_apps:app", "--access-logfile", str(access), workers=1)
+    server.get("/first")
+    wait_for(lambda: access.exists() and "/first" in access.read_text(), 5)
+    access.rename(tmp_path / "access.log.1")  # what logrotate does
+    server.signal(signal.SIGUSR1)
+    wait_for(lambda: access.exists(), 5)
+    server.get("/second")
+    wait_for(lambda: "/second" in access.read_text(), 5)
+    assert "/second" not in (tmp_path / "access.log.1").read_text()
+
+
+def test_winch_retires_all_workers_and_ttin_brings_one_back(serve) -> None:
+    server = serve("wsgi_apps:app", "-w", "2", workers=2)
+    server.signal(signal.SIGWINCH)
+    wait_for(lambda: server.workers() == [], 10)
+    assert server.proc.poll() is None, "the primary stays"
+    server.signal(signal.SIGTTIN)
+    wait_for(lambda: len(server.workers()) == 1, 10)
+    server.ready()
+
+
+def test_daemon_detaches_and_serves(tmp_path: Path) -> None:
+    pidfile = tmp_path / "d.pid"
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests' / 'apps'}{os.pathsep}{ROOT}")
+    done = subprocess.run(
+        [sys.executable, "-m", "forkserve", "wsgi_apps:hello", "--daemon", "--pid", str(pidfile),
+         "-b", f"127.0.0.1:{port}"],
+        env=env, capture_output=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0
+    pid = wait_for(lambda: pidfile.exists() and int(pidfile.read_text() or 0), 10)
+    try:
+        assert os.getsid(pid) != os.getsid(0), "the daemon left our session"
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    return sock.recv(20).startswith(b"HTTP/1.1 200")
+            except OSError:
+                return False
+
+        wait_for(answers, 15)
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not pid_alive(pid), 15)
+        assert not pidfile.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)

@@ -61,6 +61,7 @@ def samples(tmp: Path) -> dict[str, Sample]:
         "backlog": Sample("64", 64, 64),
         "sched": Sample("rr", "rr", "rr"),
         "buffer_request_head": Sample("yes", True, True, cli=True),
+        "daemon": Sample("yes", True, True, cli=True),
         "unix_socket_mode": Sample("0o600", 0o600, 0o600),
         "forwarded_allow_ips": Sample("10.0.0.0/8,*", "10.0.0.0/8,*", ("10.0.0.0/8", "*")),
         "root_path": Sample("/api", "/api", "/api"),
