@@ -55,9 +55,14 @@ def decide(facts: ExitFacts) -> Decision:
         return Decision(Action.NOTHING, reason="shutting down")
     # A worker told to leave while booting may fail its boot: that is not a
     # reason to stop the server, so intent is looked at first.
-    if not facts.deliberate and not facts.booted and facts.code in (
-        WORKER_BOOT_ERROR,
-        APP_LOAD_ERROR,
+    if (
+        not facts.deliberate
+        and not facts.booted
+        and facts.code
+        in (
+            WORKER_BOOT_ERROR,
+            APP_LOAD_ERROR,
+        )
     ):
         return Decision(Action.HALT, reason="worker failed to boot")
     if facts.deliberate:
