@@ -31,7 +31,14 @@ from typing import Any
 from . import address as addr_mod
 from .address import describe_target
 from .events import EventEmitter
-from .ipc import SERIALIZATIONS, Channel, ChannelClosed, Kind, is_connection, socket_from_fd
+from .ipc import (
+    SERIALIZATIONS,
+    Channel,
+    ChannelClosed,
+    Kind,
+    send_user,
+    socket_from_fd,
+)
 from .listener import Listener
 from .worker_object import State, Worker, signal_number
 
@@ -267,21 +274,11 @@ class Child(EventEmitter):
     def worker_send(
         self, worker: Worker, message: Any, handle: Any, callback: Any, keep_open: bool
     ) -> bool:
-        handles = (handle,) if handle is not None else ()
-        close_after = (
-            (handle,) if handle is not None and not keep_open and is_connection(handle) else ()
-        )
+        def on_error(exc: BaseException) -> None:
+            self.loop.call_soon(self.worker.emit, "error", exc)
 
-        def done(exc: BaseException | None) -> None:
-            if callback is not None:
-                callback(exc)
-            elif exc is not None:
-                self.loop.call_soon(self.worker.emit, "error", exc)
-
-        if not self.connected:
-            done(ChannelClosed())
-            return False
-        return self.channel.send(self.user_kind, message, handles, done, close_after)
+        channel = self.channel if self.connected else None
+        return send_user(channel, self.user_kind, message, handle, callback, keep_open, on_error)
 
     # -- listening ------------------------------------------------------------
 

@@ -302,6 +302,38 @@ class Channel:
             pass
 
 
+def send_user(
+    channel: Channel | None,
+    kind: Kind,
+    message: Any,
+    handle: Any,
+    callback: Callable[[BaseException | None], None] | None,
+    keep_open: bool,
+    on_error: Callable[[BaseException], None],
+) -> bool:
+    """``worker.send()`` for either role: a user message and an optional handle.
+
+    A connected socket is closed after sending unless ``keep_open``. The
+    outcome goes to ``callback(exc)``; without a callback an error goes to
+    ``on_error`` (the role emits ``'error'``). False when disconnected.
+    """
+    handles = (handle,) if handle is not None else ()
+    close_after = (
+        (handle,) if handle is not None and not keep_open and is_connection(handle) else ()
+    )
+
+    def done(exc: BaseException | None) -> None:
+        if callback is not None:
+            callback(exc)
+        elif exc is not None:
+            on_error(exc)
+
+    if channel is None or not channel.connected or channel.eof:
+        done(ChannelClosed())
+        return False
+    return channel.send(kind, message, handles, done, close_after)
+
+
 def socketpair() -> tuple[socket.socket, socket.socket]:
     """A connected pair for a new worker: (primary end, child end)."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -36,9 +36,8 @@ from .events import EventEmitter
 from .ipc import (
     SERIALIZATIONS,
     Channel,
-    ChannelClosed,
     Kind,
-    is_connection,
+    send_user,
     socket_from_fd,
     socketpair,
 )
@@ -511,21 +510,13 @@ class Primary(EventEmitter):
         self, worker: Worker, message: Any, handle: Any, callback: Any, keep_open: bool
     ) -> bool:
         record = self._records.get(worker.id)
-        handles = (handle,) if handle is not None else ()
-        close_after = (
-            (handle,) if handle is not None and not keep_open and is_connection(handle) else ()
-        )
 
-        def done(exc: BaseException | None) -> None:
-            if callback is not None:
-                callback(exc)
-            elif exc is not None:
-                self.loop.call_soon(worker.emit, "error", exc)
+        def on_error(exc: BaseException) -> None:
+            self.loop.call_soon(worker.emit, "error", exc)
 
-        if record is None or not record.channel.connected or record.channel.eof:
-            done(ChannelClosed())
-            return False
-        return record.channel.send(record.kind, message, handles, done, close_after)
+        channel = record.channel if record is not None else None
+        kind = record.kind if record is not None else Kind.JSON
+        return send_user(channel, kind, message, handle, callback, keep_open, on_error)
 
     def worker_disconnect(self, worker: Worker) -> None:
         worker.exited_after_disconnect = True
