@@ -170,6 +170,15 @@ class _Framer:
         return bool(self._buf) and self._state in (_State.HEAD, _State.DONE)
 
     @property
+    def unparsed(self) -> bytes | bytearray:
+        """Bytes received and not consumed yet (a live view: do not modify)."""
+        return self._buf
+
+    def discard_unparsed(self) -> None:
+        """Drop the bytes not consumed yet (the connection is being closed)."""
+        self._buf.clear()
+
+    @property
     def peer_closed(self) -> bool:
         return self._peer_closed
 

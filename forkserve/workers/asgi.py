@@ -14,9 +14,11 @@ and sharing one ``ServerState``. They are fed the sockets forkserve gives the
 worker: under ``--sched none`` an asyncio server on (a duplicate of) the
 shared listening socket; under ``--sched rr`` one task per listener takes the
 connections the primary hands over (``accept_async`` acknowledges them) and
-attaches each to a protocol. uvicorn's own access log is off: requests are
-logged through ``format_access`` like every other worker class, and counted
-for ``--max-requests``.
+attaches each to a protocol. Every connection first goes through
+forkserve's strict HTTP/1.1 front end (``asgi_guard``), which forwards to
+uvicorn's protocol only the bytes it has accepted. uvicorn's own access log
+is off: requests are logged through ``format_access`` like every other
+worker class, and counted for ``--max-requests``.
 
 Stopping: SIGTERM, the cluster's ``'disconnect'`` or recycling start a
 graceful stop (stop accepting, close idle keep-alive connections, close open
@@ -46,6 +48,7 @@ from forkserve.config import Config
 from forkserve.errors import AppImportError
 from forkserve.http.accesslog import AccessRecord
 
+from .asgi_guard import GuardedConnection, GuardOptions
 from .base import LOG, WorkerBase
 
 Scope = MutableMapping[str, Any]
@@ -327,6 +330,17 @@ class ASGIWorker(WorkerBase):
         self.lifespan = Lifespan(app, config.lifespan, repr(config.app or "the application"))
         self.state = ServerState()
         self.uvicorn_config = self._uvicorn_config()
+        self.guard = GuardOptions(
+            # The front end validates; its backend only decodes the accepted
+            # bytes, and httptools does that fastest whatever serves them.
+            backend="auto",
+            limits=self.http_options().limits,
+            header_timeout=config.header_timeout,
+            websockets=self.ws_class is not None,
+            busy=_busy,
+            responding=_responding,
+            hold=_hold,
+        )
         self._stop = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self._accepting: set[asyncio.Task[None]] = set()
@@ -434,6 +448,7 @@ class ASGIWorker(WorkerBase):
         ticker.cancel()
 
     def _make_protocol(self) -> asyncio.Protocol:
+        """uvicorn's protocol behind forkserve's strict front end (asgi_guard)."""
         cls: Any = self.uvicorn_config.http_protocol_class
         protocol: asyncio.Protocol = cls(
             config=self.uvicorn_config,
@@ -441,7 +456,7 @@ class ASGIWorker(WorkerBase):
             app_state=self.lifespan.state,
             _loop=self.loop,
         )
-        return protocol
+        return GuardedConnection(protocol, self.guard, self.loop)
 
     async def _accept_handed_over(self, listener: cluster.Listener) -> None:
         """Round robin: attach each connection the primary hands this worker."""
@@ -552,6 +567,28 @@ class ASGIWorker(WorkerBase):
             transport = getattr(protocol, "transport", None)
             if transport is not None:
                 transport.abort()
+
+
+def _busy(protocol: Any) -> bool:
+    """uvicorn's HTTP protocol has a response in progress or queued."""
+    cycle = protocol.cycle
+    return (cycle is not None and not cycle.response_complete) or bool(
+        getattr(protocol, "pipeline", None)
+    )
+
+
+def _responding(protocol: Any) -> bool:
+    """uvicorn's HTTP protocol began the response of its current request."""
+    cycle = protocol.cycle
+    return cycle is not None and cycle.response_started and not cycle.response_complete
+
+
+def _hold(protocol: Any) -> None:
+    """Cancel uvicorn's keep-alive timer: a request head is arriving."""
+    task = protocol.timeout_keep_alive_task
+    if task is not None:
+        task.cancel()
+        protocol.timeout_keep_alive_task = None
 
 
 async def _quietly(awaitable: Awaitable[None]) -> None:

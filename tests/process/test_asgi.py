@@ -366,3 +366,123 @@ def test_uvloop_requested_but_missing_is_a_clear_boot_error(serve, tmp_path: Pat
     output = server.output
     assert output.count("--loop uvloop needs the uvloop package") == 1, output
     assert "Traceback" not in output
+
+
+# -- forkserve's front end: limits, head deadline, pipelining ------------------------
+
+
+def until_closed(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Everything the server sends until it closes: (bytes, closed); a reset counts."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while (remaining := deadline - time.monotonic()) > 0:
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            return data, True
+        if not chunk:
+            return data, True
+        data += chunk
+    return data, False
+
+
+def statuses(raw: bytes) -> list[int]:
+    return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+
+LIMITS = (
+    "--limit-request-line", "64",
+    "--limit-request-fields", "5",
+    "--limit-request-field-size", "40",
+    "--limit-request-body", "10",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(("sched", "http"), [("rr", "httptools"), ("none", "h11")])
+def test_request_limits_answer_413_414_431_and_close(serve, sched: str, http: str) -> None:
+    server = start(serve, sched, "--http", http, *LIMITS)
+    head = "POST / HTTP/1.1\r\nHost: x\r\n"
+    cases = {
+        "414 long line": (b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        "431 fields": ((head + "A: 1\r\n" * 6 + "\r\n").encode(), 431),
+        "431 field size": ((head + "A: " + "b" * 60 + "\r\n\r\n").encode(), 431),
+        "413 length": ((head + "Content-Length: 11\r\n\r\n" + "c" * 11).encode(), 413),
+        "413 chunked": (
+            (
+                head + "Transfer-Encoding: chunked\r\n\r\n6\r\nabcdef\r\n6\r\nghijkl\r\n0\r\n\r\n"
+            ).encode(),
+            413,
+        ),
+    }
+    for name, (data, status) in cases.items():
+        with server.connect(5) as sock:
+            sock.sendall(data + b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw, closed = until_closed(sock)
+        assert statuses(raw) == [status], (name, raw[:200])
+        assert b"connection: close" in raw.lower() and closed, name
+    within = (head + "A: 1\r\nContent-Length: 10\r\n\r\n" + "d" * 10).encode()
+    with server.connect(5) as sock:
+        sock.sendall(within)
+        assert status_of(read_until(sock, b"ok")) == 200
+
+
+@pytest.mark.parametrize(("sched", "http"), [("rr", "h11"), ("none", "httptools")])
+def test_header_timeout_closes_slow_heads_with_408(serve, sched: str, http: str) -> None:
+    server = start(serve, sched, "--http", http, "--header-timeout", "1", "--keep-alive", "0.3")
+    with server.connect(5) as started, server.connect(5) as silent:
+        began = time.monotonic()
+        started.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        raw, closed = until_closed(started)
+        assert closed and statuses(raw) == [408], raw
+        assert time.monotonic() - began >= 0.8
+        raw, closed = until_closed(silent)
+        assert closed and raw == b""
+    # Kept alive after a response: closed idle after --keep-alive, but once the
+    # next head has begun, --header-timeout holds (longer here) and ends in 408.
+    with server.connect(5) as idle, server.connect(5) as slow:
+        for sock in (idle, slow):
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(read_until(sock, b"ok")) == 200
+        began = time.monotonic()
+        slow.sendall(b"GET / HTTP/1.1\r\n")
+        raw, closed = until_closed(idle)
+        assert closed and raw == b""
+        raw, closed = until_closed(slow)
+        assert closed and statuses(raw) == [408], raw
+        assert time.monotonic() - began >= 0.8
+
+
+@pytest.mark.parametrize(("sched", "http"), [("rr", "httptools"), ("none", "h11")])
+def test_pipelined_and_split_requests_pass_the_front_end(serve, sched: str, http: str) -> None:
+    server = start(serve, sched, "--http", http)
+    with server.connect(5) as sock:
+        # Three requests in one write, one with a chunked body, blank lines between.
+        sock.sendall(
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n"
+            b"POST /echo-stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n"
+            b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        raw = read_until(sock, str(server.workers()[0]).encode())
+        assert statuses(raw) == [200, 200, 200] and b"abc" in raw, raw
+        # One request cut at every awkward place: the head and the chunk framing.
+        request = (
+            b"POST /echo-stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;n=v\r\nhello\r\n0\r\nT: 1\r\n\r\n"
+        )
+        for index in range(0, len(request), 7):
+            sock.sendall(request[index : index + 7])
+        raw = read_until(sock, b"0\r\n\r\n")
+        assert statuses(raw) == [200] and b"hello" in raw, raw
+        # A slow response, then a bad request: the error waits for the response.
+        sock.sendall(
+            b"GET /sleep?0.3 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        raw, closed = until_closed(sock)
+    assert statuses(raw) == [200, 400] and b"slept" in raw and closed, raw
+    assert raw.index(b"slept") < raw.index(b"400 Bad Request")
