@@ -22,6 +22,9 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
     path = environ["PATH_INFO"]
     if path == "/pid":
         body = str(os.getpid()).encode()
+    elif path == "/slowpid":
+        time.sleep(0.2)
+        body = str(os.getpid()).encode()
     elif path == "/sleep":
         time.sleep(float(environ.get("QUERY_STRING") or "0.5"))
         body = b"slept"
