@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.conftest import Server
 from tests.helpers import wait_for
 
@@ -295,3 +297,22 @@ def test_killed_workers_lose_only_what_they_were_serving(serve: Callable[..., Se
     wait_for(lambda: len(server.workers()) == workers, 30)
     reply, _ = request(server, "/pid")
     assert reply.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "threaded"])
+def test_a_client_stalling_mid_body_does_not_hold_the_worker(
+    serve: Callable[..., Server], worker_class: str
+) -> None:
+    server = serve("wsgi_apps:app", "-w", "1", "-k", worker_class, "--threads", "1", "-t", "1")
+    stalled = server.connect(10)
+    stalled.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b")
+    started = time.monotonic()
+    # The worker reads the body and waits at most -t for the rest, then lets go.
+    reply = b""
+    with contextlib.suppress(OSError):
+        while chunk := stalled.recv(4096):
+            reply += chunk
+    stalled.close()
+    assert time.monotonic() - started < 5
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 408")
+    assert server.get("/").startswith(b"HTTP/1.1 200"), "the worker serves others again"
