@@ -247,6 +247,10 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="SECONDS", help="Interval between WebSocket pings; 0 disables."),
     _S("ws_ping_timeout", seconds, 20.0, ("--ws-ping-timeout",), section="asgi",
        metavar="SECONDS", help="Close a WebSocket whose ping is unanswered this long."),
+    _S("asgi_guard", text, "on", ("--asgi-guard",), section="asgi", choices=("on", "off"),
+       help="on: every ASGI request passes forkserve's strict HTTP/1.1 front end (the "
+       "smuggling checks and --limit-request-* / --header-timeout) before uvicorn's "
+       "parser sees it; off: uvicorn's parser alone, faster and more lenient."),
     # hooks
     _S("on_starting", hook, None, section="hooks", validate=arity("arbiter"),
        help="on_starting(arbiter): called in the primary before anything starts."),

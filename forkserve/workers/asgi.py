@@ -456,6 +456,8 @@ class ASGIWorker(WorkerBase):
             app_state=self.lifespan.state,
             _loop=self.loop,
         )
+        if self.config.asgi_guard == "off":
+            return protocol
         return GuardedConnection(protocol, self.guard, self.loop)
 
     async def _accept_handed_over(self, listener: cluster.Listener) -> None:

@@ -486,3 +486,14 @@ def test_pipelined_and_split_requests_pass_the_front_end(serve, sched: str, http
         raw, closed = until_closed(sock)
     assert statuses(raw) == [200, 400] and b"slept" in raw and closed, raw
     assert raw.index(b"slept") < raw.index(b"400 Bad Request")
+
+
+def test_asgi_guard_off_leaves_framing_to_uvicorn(serve) -> None:
+    long_target = "/" + "a" * 300
+    raw = f"GET {long_target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    guarded = serve("asgi_apps:app", "-k", "asgi", "--limit-request-line", "100")
+    assert guarded.request(raw).startswith(b"HTTP/1.1 414")
+    lenient = serve(
+        "asgi_apps:app", "-k", "asgi", "--limit-request-line", "100", "--asgi-guard", "off"
+    )
+    assert not lenient.request(raw).startswith(b"HTTP/1.1 414")

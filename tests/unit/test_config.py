@@ -111,6 +111,7 @@ def samples(tmp: Path) -> dict[str, Sample]:
         "ws_max_size": Sample("1024", 1024, 1024),
         "ws_ping_interval": Sample("0.5", 0.5, 0.5),
         "ws_ping_timeout": Sample("1", 1, 1.0),
+        "asgi_guard": Sample("off", "off", "off"),
         "check_config": Sample("yes", True, True, cli=True),
         "print_config": Sample("on", True, True, cli=True),
         "version": Sample("true", True, True, cli=True),
