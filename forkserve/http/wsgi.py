@@ -384,7 +384,9 @@ class WSGIConnection:
         if count:
             try:
                 sent = self.transport.sendfile(filelike, offset, count)
-            except (AttributeError, OSError, NotImplementedError):
+            except (AttributeError, OSError, RuntimeError):
+                # No sendfile on this transport (RuntimeError covers transports
+                # that declare it unsupported): fall back to plain reads.
                 sent = 0
             if sent < count:
                 # Nothing or part went out; finish with plain reads.
