@@ -76,6 +76,7 @@ class _Backend(Protocol):
 
     def start(self, head: bytes) -> None: ...
     def feed(self, data: bytes) -> None: ...
+    def end(self) -> None: ...
 
 
 class _Framer:
@@ -319,6 +320,9 @@ class _Framer:
             if out:
                 assert self._backend is not None
                 self._backend.feed(bytes(out))
+        if self._state is _State.DONE:
+            assert self._backend is not None
+            self._backend.end()
 
     def _chunk_size_line(self, line: bytes) -> None:
         m = _CHUNK_LINE.fullmatch(line)
@@ -391,6 +395,9 @@ class _HttptoolsBackend:
         except self._module.HttpParserError as exc:
             raise HTTPError(f"invalid request: {exc}", status=400) from exc
 
+    def end(self) -> None:
+        """llhttp reports the end of a chunked message itself."""
+
     def _synthetic_head(self) -> bytes:
         request = self._request
         if request.chunked:
@@ -413,6 +420,9 @@ class _H11Backend:
     def start(self, head: bytes) -> None:
         self.feed(head)
 
+    def end(self) -> None:
+        """h11 reports the end of a chunked message itself."""
+
     def feed(self, data: bytes) -> None:
         h11 = self._h11
         conn = self._conn
@@ -433,6 +443,37 @@ class _H11Backend:
                 return
 
 
+class _FramingBackend:
+    """No second parse: for a caller that forwards the accepted bytes itself.
+
+    ``Data`` events carry the body bytes as framed on the wire (chunk-size
+    lines included); ``EndOfMessage`` comes where the front end's framing
+    ends the message.
+    """
+
+    __slots__ = ("_chunked", "_events", "_left")
+
+    def __init__(self, request: Request, events: deque[Event]) -> None:
+        self._events = events
+        self._chunked = request.chunked
+        self._left = 0 if request.chunked else (request.content_length or 0)
+
+    def start(self, head: bytes) -> None:
+        if not self._chunked and not self._left:
+            self._events.append(EndOfMessage())
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self._events.append(Data(data))
+        if not self._chunked:
+            self._left -= len(data)
+            if self._left <= 0:
+                self._events.append(EndOfMessage())
+
+    def end(self) -> None:
+        self._events.append(EndOfMessage())
+
+
 def _import(name: str) -> Any:
     if name == "httptools":
         import httptools
@@ -444,7 +485,17 @@ def _import(name: str) -> Any:
 
 
 def make_parser(backend: str, limits: ParserLimits) -> RequestParser:
-    """Return a parser over ``backend`` ("httptools", "h11" or "auto")."""
+    """Return a parser over ``backend`` ("httptools", "h11", "auto" or "framing").
+
+    ``framing`` validates and frames like the others but decodes nothing:
+    body ``Data`` is the raw framed bytes (see ``_FramingBackend``).
+    """
+    if backend == "framing":
+
+        def framing(request: Request, events: deque[Event]) -> _Backend:
+            return _FramingBackend(request, events)
+
+        return _Framer(framing, limits)
     if backend == "auto":
         try:
             module = _import("httptools")

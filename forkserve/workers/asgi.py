@@ -331,9 +331,9 @@ class ASGIWorker(WorkerBase):
         self.state = ServerState()
         self.uvicorn_config = self._uvicorn_config()
         self.guard = GuardOptions(
-            # The front end validates; its backend only decodes the accepted
-            # bytes, and httptools does that fastest whatever serves them.
-            backend="auto",
+            # The front end validates and frames; uvicorn decodes what it
+            # accepted, so no second parse is needed here.
+            backend="framing",
             limits=self.http_options().limits,
             header_timeout=config.header_timeout,
             websockets=self.ws_class is not None,

@@ -270,3 +270,21 @@ def test_trickled_head_is_linear_and_accepted(backend: str) -> None:
     head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Long: " + b"v" * 8000 + b"\r\n\r\n"
     ((request, _body),) = messages(parse_all(backend, head, step=1))
     assert request.headers[-1] == (b"X-Long", b"v" * 8000)
+
+
+def test_framing_backend_frames_without_decoding() -> None:
+    """The "framing" backend validates like the others; body Data is the raw framed bytes."""
+    wire = (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+        b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    for step in (None, 1, 7):
+        events = parse_all("framing", wire, step=step)
+        got = messages(events)
+        assert [r.target for r, _ in got] == [b"/a", b"/b", b"/c"]
+        assert got[0][1] == b"abc"
+        assert got[1][1] == b"2\r\nhi\r\n0\r\n\r\n"
+        assert got[2][1] == b""
+    bad = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert parse_all("framing", bad)[-1] == ("error", 400)
