@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     settings: Mapping[str, Any]
     scheduling_policy: int
     primary: Primary
+    child: Child | None
     loop: Any
 
 
@@ -214,6 +215,12 @@ class _ClusterModule(types.ModuleType):
     def primary(self) -> Primary:
         """The primary role object (its loop, starter and handles)."""
         return _primary("primary")
+
+    @property
+    def child(self) -> Child | None:
+        """The worker role object (its channel and loop) in a worker; None in the primary."""
+        role = _get_role()
+        return role if isinstance(role, Child) else None
 
     @property
     def loop(self) -> Any:

@@ -322,9 +322,9 @@ class ASGIWorker(WorkerBase):
         self.http_class = _protocol_class(HTTP_PROTOCOLS, http_name)
         self.ws_class = None if ws_name == "none" else _protocol_class(WS_PROTOCOLS, ws_name)
         self.loop = new_event_loop(loop_name)
-        role = cluster._get_role()
-        if isinstance(role, cluster.Child):
-            role.attach_loop(self.loop)
+        child = cluster.child
+        if child is not None:
+            child.attach_loop(self.loop)
         else:
             asyncio.set_event_loop(self.loop)
         self.lifespan = Lifespan(app, config.lifespan, repr(config.app or "the application"))

@@ -207,9 +207,9 @@ def report_boot_error(message: str, code: int) -> int:
     worker = cluster.worker
     if worker is not None and worker.is_connected():
         worker.send({"type": BOOT_ERROR_MESSAGE, "message": message, "code": code})
-        role = cluster._get_role()
-        if isinstance(role, cluster.Child):
-            role.channel.flush(5.0)
+        child = cluster.child
+        if child is not None:
+            child.channel.flush(5.0)
     else:
         print(f"forkserve: error: {message}", file=sys.stderr)
     return code

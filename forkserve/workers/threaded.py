@@ -316,16 +316,16 @@ class ThreadedWorker(WorkerBase):
 
     def _watch_channel(self) -> None:
         """Watch the channel itself, so a disconnect is seen while not accepting."""
-        role = cluster._get_role()
-        if isinstance(role, cluster.Child) and role.connected:
-            self._channel_fd = role.channel_fd
+        child = cluster.child
+        if child is not None and child.connected:
+            self._channel_fd = child.channel_fd
             assert self._selector is not None
             self._selector.register(self._channel_fd, _READ, _Source.CHANNEL)
 
     def _poll_channel(self) -> None:
-        role = cluster._get_role()
-        if isinstance(role, cluster.Child):
-            role.poll()
+        child = cluster.child
+        if child is not None:
+            child.poll()
         self._sweep()
 
     def _sweep(self) -> None:
@@ -333,8 +333,8 @@ class ThreadedWorker(WorkerBase):
         for listener in [item for item in self._watched if item.closed]:
             self._unwatch(listener)
         if self._channel_fd >= 0:
-            role = cluster._get_role()
-            if not (isinstance(role, cluster.Child) and role.connected):
+            child = cluster.child
+            if child is None or not child.connected:
                 _unregister(self._selector, self._channel_fd)
                 self._channel_fd = -1
 
