@@ -49,3 +49,21 @@ def pid_alive(pid: int) -> bool:
             return fh.read().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def http_get(host: str, port: int, path: str = "/", timeout: float = 5.0) -> bytes:
+    """One ``GET`` with ``Connection: close`` over a fresh connection: the raw reply."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def answers_200(host: str, port: int, path: str = "/") -> bool:
+    """True once a server on ``host:port`` answers 200 (for ``wait_for``)."""
+    try:
+        return http_get(host, port, path, timeout=2.0).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False

@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import APPS, ROOT, children_of, free_port, wait_for
+from tests.helpers import APPS, ROOT, answers_200, children_of, free_port, http_get, wait_for
 
 
 def get(port: int, path: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := conn.recv(4096):
-            data += chunk
-    return data.partition(b"\r\n\r\n")[2]
+    return http_get("127.0.0.1", port, path).partition(b"\r\n\r\n")[2]
 
 
 @pytest.mark.skipif(os.getuid() != 0 or shutil.which("unshare") is None, reason="needs root")
@@ -39,7 +33,7 @@ def test_pid1_reaps_orphans_and_stops_gracefully_on_sigterm(tmp_path: Path) -> N
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
-        wait_for(lambda: get_or_none(port, "/"), 20)
+        wait_for(lambda: answers_200("127.0.0.1", port), 20)
         assert get(port, "/zombies") == b"0"
         for _ in range(3):
             assert get(port, "/orphan") == b"orphaned"
@@ -53,10 +47,3 @@ def test_pid1_reaps_orphans_and_stops_gracefully_on_sigterm(tmp_path: Path) -> N
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
-
-
-def get_or_none(port: int, path: str) -> bytes | None:
-    try:
-        return get(port, path)
-    except OSError:
-        return None

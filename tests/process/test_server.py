@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, pid_alive, wait_for
+from tests.helpers import ROOT, answers_200, free_port, pid_alive, wait_for
 
 POLICIES = ["rr", "none"]
 PARSERS = ["httptools", "h11"]
@@ -82,16 +82,7 @@ def test_ipv6_bind(serve) -> None:
         pytest.skip("no ::1")
     server = serve("wsgi_apps:hello", bind=f"[::1]:{port}", ready=False)
     server.host = "::1"
-
-    def answers() -> bool:
-        try:
-            with socket.create_connection(("::1", port), timeout=2) as sock:
-                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                return sock.recv(100).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
-
-    wait_for(answers, 15)
+    wait_for(lambda: answers_200("::1", port), 15)
 
 
 def test_fd_bind_uses_an_inherited_socket(serve) -> None:
@@ -479,16 +470,7 @@ def test_daemon_detaches_and_serves(tmp_path: Path) -> None:
     pid = wait_for(lambda: pidfile.exists() and int(pidfile.read_text() or 0), 10)
     try:
         assert os.getsid(pid) != os.getsid(0), "the daemon left our session"
-
-        def answers() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    return sock.recv(20).startswith(b"HTTP/1.1 200")
-            except OSError:
-                return False
-
-        wait_for(answers, 15)
+        wait_for(lambda: answers_200("127.0.0.1", port), 15)
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not pid_alive(pid), 15)
         assert not pidfile.exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import APPS, ROOT
+from tests.helpers import APPS, ROOT, http_get
 
 
 def start_activated(
@@ -65,12 +65,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def get(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := conn.recv(4096):
-            data += chunk
-        return data
+    return http_get("127.0.0.1", port, "/pid")
 
 
 @pytest.mark.parametrize("bind", [None, "fd://http"])

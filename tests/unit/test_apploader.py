@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,15 +26,10 @@ WSGI = "def app(environ, start_response):\n    return [b'ok']\n"
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, import_state: None) -> Iterator[None]:
     """Run in tmp_path; undo sys.path and sys.modules changes afterwards."""
     monkeypatch.chdir(tmp_path)
-    path = list(sys.path)
-    modules = set(sys.modules)
     yield
-    sys.path[:] = path
-    for name in set(sys.modules) - modules:
-        del sys.modules[name]
 
 
 def write(directory: Path, name: str, source: str) -> Path:

@@ -34,17 +34,12 @@ GUNICORN_FLAGS = [
 
 
 @pytest.fixture(autouse=True)
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, import_state: None) -> Iterator[None]:
     monkeypatch.chdir(tmp_path)
     for name in list(os.environ):
         if name.startswith("FORKSERVE_") or name in ("WEB_CONCURRENCY", "PORT"):
             monkeypatch.delenv(name)
-    path = list(sys.path)
-    modules = set(sys.modules)
     yield
-    sys.path[:] = path
-    for name in set(sys.modules) - modules:
-        del sys.modules[name]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
