@@ -75,7 +75,7 @@ class _Source(enum.Enum):
 class _Conn:
     """One client connection and, once served, its HTTP state."""
 
-    __slots__ = ("addr", "deadline", "initial", "server", "sock", "wsgi")
+    __slots__ = ("addr", "deadline", "initial", "server", "sock", "used", "wsgi")
 
     def __init__(self, sock: socket.socket, addr: Any, server: Any) -> None:
         self.sock = sock
@@ -85,6 +85,9 @@ class _Conn:
         self.server = server
         self.wsgi: WSGIConnection | None = None
         self.deadline = 0.0
+        # When the main thread last handed it to a pool thread: orders the
+        # kept-alive connections by last use, whichever thread finishes first.
+        self.used = 0.0
 
     def close(self) -> None:
         try:
@@ -367,6 +370,10 @@ class ThreadedWorker(WorkerBase):
         conn.initial = listener.take_initial_data(sock)
         self._connections += 1
         if self._connections > self.max_connections:
+            # Count what pool threads already finished (closed or kept) before
+            # deciding that an idle connection must go.
+            self._collect()
+        if self._connections > self.max_connections:
             self._make_room()
         if conn.initial or _readable_now(sock):
             self._start(conn)
@@ -420,21 +427,28 @@ class ThreadedWorker(WorkerBase):
             self._start(self._waiting.popleft())
 
     def _start(self, conn: _Conn) -> None:
+        conn.used = time.monotonic()
         self._active.add(conn)
         assert self._pool is not None
         self._pool.submit(conn)
 
     def _collect(self) -> None:
         assert self._pool is not None
-        for conn, keep in self._pool.finished():
+        for conn, keep in sorted(self._pool.finished(), key=lambda item: item[0].used):
             self._active.discard(conn)
-            if not keep:
-                self._connections -= 1  # the thread closed it
-            elif self.stopping or not self.alive or self.keepalive <= 0:
+            if not keep or self.stopping or not self.alive or self.keepalive <= 0:
                 conn.close()
                 self._connections -= 1
             else:
-                self._park(conn, self._kept, self.keepalive)
+                kept = self._kept
+                newest = next(reversed(kept)) if kept else None
+                self._park(conn, kept, self.keepalive)
+                if newest is not None and newest.used > conn.used:
+                    # Threads can hand connections back out of order: keep the
+                    # least recently used first, the one closed at the cap.
+                    ordered = sorted(kept, key=lambda item: item.used)
+                    kept.clear()
+                    kept.update(dict.fromkeys(ordered))
 
     def _expire(self, now: float) -> None:
         for idle in (self._kept, self._fresh):
@@ -482,9 +496,9 @@ class ThreadedWorker(WorkerBase):
         except (OSError, ssl.SSLError) as exc:
             LOG.debug("connection from %s ended: %s", conn.addr, exc)
             keep = False
-        finally:
-            if not keep:
-                conn.close()
+        # A connection not kept is closed by the main thread when it collects
+        # it, so the client sees the close only once the worker's count of
+        # connections no longer includes it.
         return keep
 
 
