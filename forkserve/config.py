@@ -31,6 +31,7 @@ from forkserve.converters import (
     arity,
     bind_list,
     boolean,
+    byte_size,
     env_list,
     group_id,
     hook,
@@ -38,6 +39,7 @@ from forkserve.converters import (
     logconfig_suffix,
     non_negative_int,
     octal_mode,
+    optional_host_port,
     optional_text,
     path_list,
     positive_int,
@@ -167,6 +169,25 @@ SETTINGS: tuple[Setting, ...] = (
        "together."),
     _S("preload_app", boolean, False, ("--preload",), section="workers", is_flag=True,
        help="Import the application in the primary before forking workers."),
+    _S("request_timeout", seconds, 0.0, ("--request-timeout",), section="workers",
+       metavar="SECONDS",
+       help="A request running longer is logged with its stack; a sync or threaded "
+       "worker is then recycled, an asgi request cancelled; 0 disables."),
+    _S("max_worker_memory", byte_size, 0, ("--max-worker-memory",), section="workers",
+       metavar="SIZE",
+       help="Recycle a worker whose RSS stays above this (e.g. 512M) for several "
+       "samples; 0 disables."),
+    _S("max_worker_lifetime", seconds, 0.0, ("--max-worker-lifetime",), section="workers",
+       metavar="SECONDS", help="Recycle a worker after it has run this long; 0 disables."),
+    _S("drain_delay", seconds, 0.0, ("--drain-delay",), section="workers", metavar="SECONDS",
+       help="On SIGTERM, keep serving this long with Connection: close before stopping "
+       "to accept, so load balancers notice."),
+    _S("reload", boolean, False, ("--reload",), section="workers", is_flag=True,
+       help="Development: replace the workers when a file of the app changes "
+       "(watchfiles when installed, else polling)."),
+    _S("reload_extra_files", path_list, (), ("--reload-extra-file",), section="workers",
+       multiple=True, metavar="FILE",
+       help="With --reload, also watch these files or directories. Repeatable."),
     # application
     _S("interface", text, "auto", ("--interface",), section="application",
        choices=("auto", "wsgi", "asgi"),
@@ -196,7 +217,12 @@ SETTINGS: tuple[Setting, ...] = (
     _S("daemon", boolean, False, ("-D", "--daemon"), section="process", is_flag=True,
        help="Detach from the terminal and run in the background (use with --pid)."),
     _S("proc_name", optional_text, None, ("-n", "--name"), section="process", metavar="NAME",
-       help="Process title prefix: forkserve: primary [NAME]; defaults to the APP string."),
+       help="Process title prefix: `forkserve: primary [NAME]`, `forkserve: worker N [NAME]`; "
+       "defaults to the APP string."),
+    _S("control_socket", text, "auto", ("--control-socket",), section="process",
+       metavar="PATH",
+       help="Unix socket (mode 0600) for forkserve ctl; auto puts it beside --pid or "
+       "in the runtime directory; off disables it."),
     # logging
     _S("loglevel", text, "info", ("--log-level",), section="logging",
        choices=("debug", "info", "warning", "error", "critical"),
@@ -212,6 +238,14 @@ SETTINGS: tuple[Setting, ...] = (
        validate=logconfig_suffix, metavar="FILE",
        help="logging configuration: dictConfig as .json or .toml, or fileConfig as "
        ".ini/.conf."),
+    _S("metrics_bind", optional_host_port, None, ("--metrics-bind",), section="logging",
+       metavar="ADDRESS",
+       help="Serve Prometheus metrics, aggregated over all workers, on host:port "
+       "(path /metrics)."),
+    _S("statsd_host", optional_host_port, None, ("--statsd-host",), section="logging",
+       metavar="ADDRESS", help="Send metrics to this statsd server (host:port, UDP)."),
+    _S("statsd_prefix", text, "forkserve", ("--statsd-prefix",), section="logging",
+       metavar="PREFIX", help="Prefix of every statsd metric name."),
     # http
     _S("http", text, "auto", ("--http",), section="http",
        choices=("auto", "httptools", "h11"),

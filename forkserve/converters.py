@@ -179,6 +179,45 @@ def bind_list(value: Any) -> tuple[str, ...]:
     return tuple(_bind_address(item) for item in items)
 
 
+def optional_host_port(value: Any) -> str | None:
+    """``host:port`` or ``[ipv6]:port`` with an explicit port; empty means unset."""
+    if value is None or value == "":
+        return None
+    expected = "expected host:port or [ipv6]:port"
+    if not isinstance(value, str) or value.startswith(("unix:", "fd://")) or ":" not in value:
+        raise ValueError(expected)
+    try:
+        return _bind_address(value.strip())
+    except ValueError:
+        raise ValueError(expected) from None
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def byte_size(value: Any) -> int:
+    """A size in bytes: an integer, or a number with K, M or G (powers of 1024)."""
+    expected = "expected a size such as 536870912, 512M or 2G"
+    if isinstance(value, bool):
+        raise ValueError(expected)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(expected)
+        return value
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    raw = value.strip().lower().removesuffix("b").removesuffix("i")
+    unit = raw[-1:] if raw[-1:] in ("k", "m", "g") else ""
+    number = raw[: len(raw) - len(unit)].strip()
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ValueError(expected) from None
+    if not math.isfinite(amount) or amount < 0:
+        raise ValueError(expected)
+    return int(amount * _SIZE_UNITS[unit])
+
+
 def env_list(value: Any) -> tuple[str, ...]:
     """``KEY=VALUE`` pairs; a string is split like a shell command line."""
     expected = "expected KEY=VALUE"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from forkserve.config import (
     load_config,
     parse_args,
 )
+from forkserve.converters import byte_size, optional_host_port
 from forkserve.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +81,18 @@ def samples(tmp: Path) -> dict[str, Sample]:
         "max_requests": Sample("100", 100, 100),
         "max_requests_jitter": Sample("10", 10, 10),
         "preload_app": Sample("true", True, True, cli=True),
+        "request_timeout": Sample("12.5", 12.5, 12.5),
+        "max_worker_memory": Sample("512M", "512M", 512 * 1024**2),
+        "max_worker_lifetime": Sample("3600", 3600, 3600.0),
+        "drain_delay": Sample("5", 5, 5.0),
+        "reload": Sample("yes", True, True, cli=True),
+        "reload_extra_files": Sample(
+            "a.txt,b.txt", ["a.txt", "b.txt"], ("a.txt", "b.txt"), cli=("a.txt", "b.txt")
+        ),
+        "control_socket": Sample("off", "off", "off"),
+        "metrics_bind": Sample("127.0.0.1:9100", "127.0.0.1:9100", "127.0.0.1:9100"),
+        "statsd_host": Sample("localhost:8125", "localhost:8125", "localhost:8125"),
+        "statsd_prefix": Sample("web", "web", "web"),
         "interface": Sample("asgi", "asgi", "asgi"),
         "factory": Sample("1", True, True, cli=True),
         "chdir": Sample("app", "app", str(tmp / "app")),
@@ -608,3 +623,40 @@ def test_docs_mention_every_setting() -> None:
             assert setting.env_var in docs, setting.name
         for flag in setting.flags:
             assert f"`{flag}`" in docs, flag
+
+
+def test_configuration_docs_are_generated_from_the_table() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "config_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("0", 0),
+        ("1048576", 1048576),
+        ("512M", 512 * 1024**2),
+        ("1.5g", 1536 * 1024**2),
+        ("64KiB", 65536),
+        (300, 300),
+    ],
+)
+def test_byte_size_accepts_units(raw: Any, expected: int) -> None:
+    assert byte_size(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "-1", "12T", "lots", True, -5])
+def test_byte_size_refuses_other_forms(raw: Any) -> None:
+    with pytest.raises(ValueError, match="512M"):
+        byte_size(raw)
+
+
+@pytest.mark.parametrize("raw", ["localhost", "unix:/x", "fd://3", "1.2.3.4:99999", ":"])
+def test_host_port_needs_a_host_and_port(raw: str) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        optional_host_port(raw)
