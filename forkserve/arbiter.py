@@ -1,15 +1,25 @@
 """The arbiter: forkserve's primary process.
 
 It loads the configuration, binds every listener, and forks the workers on
-``forkserve.cluster`` with ``os.fork()`` (so a ``--preload``-ed app is shared
-copy-on-write). Then it waits: on cluster events (``'listening'`` marks a
+``forkserve.cluster`` with ``os.fork()``. With ``--preload`` the app is
+imported by a template process and the workers are forked from it (shared
+copy-on-write; ``cluster.TemplateStarter``), so the primary never imports
+the app and a HUP can load new code. Then it waits: on cluster events (``'listening'`` marks a
 worker ready, ``'exit'`` goes to ``restart.decide``) and on signals, whose
 handlers only enqueue their name; the main loop reads the queue top to
-bottom and dispatches to ``handle_<signal>``. It never polls on a timer.
+bottom and dispatches to ``handle_<signal>``. Once a second it reads the workers'
+scoreboard slots (``_supervise``): liveness, request deadlines, memory and
+lifetime recycling (``forkserve/supervision.py`` decides, the arbiter acts).
 
 Signals: TERM graceful stop (workers finish in-flight requests within
-``--graceful-timeout``, then are killed), INT and QUIT fast stop, TTIN/TTOU
-one worker more/less, USR1 reopen log files.
+``--graceful-timeout``, then are killed; with ``--drain-delay`` the workers
+first answer with ``Connection: close`` for that long while still
+accepting), INT and QUIT fast stop, TTIN/TTOU one worker more/less, USR1
+reopen log files, USR2 start a new primary on the same sockets (see
+``forkserve/upgrade.py``), HUP reload the configuration and the app (new
+workers, from a new template with ``--preload``; an old worker leaves as
+each new one is ready; a failure keeps the old ones). With ``--reload`` a
+change to the app's files is a HUP.
 """
 
 from __future__ import annotations
@@ -24,20 +34,42 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from forkserve import __version__, cluster, log, systemd
+from forkserve import __version__, cluster, log, systemd, upgrade
 from forkserve.apploader import detect_interface, load_app
 from forkserve.config import Config
+from forkserve.errors import ConfigError, ForkserveError
 from forkserve.http.response import DateCache, error_response
+from forkserve.monitor import Monitor
+from forkserve.reconfigure import fixed_settings, reconfigure
+from forkserve.reloader import Reloader, reload_roots
 from forkserve.restart import Action, ExitFacts, decide
-from forkserve.sockets import BoundSocket, describe, open_binds
-from forkserve.workers.base import BOOT_ERROR_MESSAGE, app_spec, boot
+from forkserve.scoreboard import SLOT_ENV, Counts, Scoreboard, SlotView, slot_from_environ
+from forkserve.sockets import BoundSocket, describe
+from forkserve.supervision import SILENT, Finding, Limits, Watch, assess, rss_of
+from forkserve.workers.base import (
+    BOOT_ERROR_MESSAGE,
+    DRAIN_MESSAGE,
+    RECYCLE_MESSAGE,
+    app_spec,
+    boot,
+)
 
 LOG = logging.getLogger("forkserve.arbiter")
 
-SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGWINCH")
+SIGNALS = (
+    "SIGTERM",
+    "SIGINT",
+    "SIGQUIT",
+    "SIGHUP",
+    "SIGTTIN",
+    "SIGTTOU",
+    "SIGUSR1",
+    "SIGUSR2",
+    "SIGWINCH",
+)
 FAST_STOP_GRACE = 2.0
 # What --sched auto means, for every worker class: the policy that wins the
 # measurements in the README (scripts/bench.py). SCHED_NONE serves about twice
@@ -47,15 +79,37 @@ DEFAULT_SCHED = "none"
 # The most the primary buffers of a request head (--buffer-request-head); the
 # worker reads any rest from the socket itself.
 HEAD_BUFFER_MAX = 65536
+# How often the primary reads the scoreboard (liveness, deadlines, memory).
+SUPERVISE_INTERVAL = 1.0
+# How long a stack dump may take to appear after SIGUSR2.
+STACK_DUMP_WAIT = 1.0
 
 
 class Arbiter:
     """Runs the server until it is told to stop; ``run()`` returns the exit code."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
-        self.app: Any = None
+        # Reads the configuration again as at startup (HUP); raises ConfigError.
+        self.reload_config = reload_config
+        self.app: Any = None  # only ever set in a template (--preload) and its workers
+        self.app_interface: str | None = None  # as the template detected it
         self.binds: list[BoundSocket] = []
+        # --preload: the template workers fork from, and one a HUP (or the
+        # death of the template) is preparing.
+        self.starter: cluster.TemplateStarter | None = None
+        self.template: cluster.Template | None = None
+        self.next_template: cluster.Template | None = None
+        self.worker_templates: dict[int, cluster.Template] = {}  # worker id -> its template
+        self.waiting_for_template = 0  # spawns put off until a template is ready
+        # The reload under way: its new workers not yet ready, the workers it
+        # replaces, and what to go back to if it fails.
+        self.reload_pending: set[int] = set()
+        self.reload_old: set[int] = set()
+        self.previous: tuple[Config, int, cluster.Template | None] | None = None
+        # Before any --chdir: how to start a new primary on SIGUSR2, and
+        # whether this one is such a primary.
+        self.upgrader = upgrade.Upgrader(config.pidfile)
         self.num_workers = int(config.workers)
         self.primary: cluster.Primary | None = None
         self.stopping = False
@@ -63,6 +117,8 @@ class Arbiter:
         self.booted: set[int] = set()
         self.retiring: deque[cluster.Worker] = deque()
         self.reloading = False
+        self.draining = False
+        self.reloader: Reloader | None = None
         self.started_at: dict[int, float] = {}
         self.listening: dict[int, int] = {}
         self.crashes: deque[float] = deque()
@@ -73,6 +129,18 @@ class Arbiter:
         self._pidfile_written = False
         self.attached_to_terminal = False
         self.bind_fds: list[int] = []
+        self.scoreboard: Scoreboard | None = None
+        self.slots: dict[int, int] = {}  # worker id -> scoreboard slot
+        self.watches: dict[int, Watch] = {}
+        self.retired = Counts()  # what workers that have exited served
+        self.restarts: dict[str, int] = {}  # cause -> workers replaced for it
+        self.exit_causes: dict[int, str] = {}  # worker id -> why it was made to leave
+        self.recycle_queue: deque[tuple[cluster.Worker, str]] = deque()
+        self.recycling: cluster.Worker | None = None
+        self.started_at_wall = time.time()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._last_status = ""
+        self.monitor = Monitor(self)
 
     # -- start ----------------------------------------------------------------
 
@@ -86,39 +154,50 @@ class Arbiter:
         if config.chdir:
             os.chdir(config.chdir)
         self._call_hook("on_starting", self)
-        if config.preload_app:
-            self.app = load_app(
-                app_spec(config), factory=config.factory, pythonpath=config.pythonpath
-            )
         self.attached_to_terminal = not config.daemon and _has_terminal()
         activated = systemd.listen_fds()
         binds = list(config.bind)
         if activated and config.sources.get("bind") == "default":
             # Socket activation without -b: serve every socket systemd passed.
             binds = [f"fd://{item.fd}" for item in activated]
-        self.binds = open_binds(
+        self.binds = self.upgrader.open_binds(
             binds,
+            default=config.sources.get("bind") == "default",
             backlog=config.backlog,
             unix_mode=config.unix_socket_mode,
             named={item.name: item.fd for item in activated},
         )
         self.bind_fds = [bound.fileno() for bound in self.binds]
-        if config.daemon:
+        if config.daemon and self.upgrader.handover is None:
+            # A primary started by SIGUSR2 is already detached: its parent is the daemon.
             daemonize()
         try:
             self._write_pidfile()
             set_title(f"forkserve: primary [{config.proc_name or config.app}]")
             return self._serve()
         finally:
+            shared = self.upgrader.shares_sockets()
             for bound in self.binds:
-                bound.close(unlink=True)
+                bound.close(unlink=not shared)
             self._remove_pidfile()
+            self.upgrader.close()
             self._call_hook("on_exit", self)
 
     def _serve(self) -> int:
-        primary = cluster.Primary(starter=cluster.ForkStarter(self._worker_main, self._after_fork))
+        # Before anything forks: every process forked later inherits the region.
+        self.scoreboard = Scoreboard(max(64, 8 * self.num_workers))
+        loop = asyncio.new_event_loop()
+        starter: cluster.ForkStarter | cluster.TemplateStarter
+        starter = cluster.ForkStarter(self._worker_main, self._after_fork)
+        if self.config.preload_app:
+            self.starter = starter = cluster.TemplateStarter(
+                self._worker_main, self._after_fork, prepare=self._prepare_template, loop=loop
+            )
+        primary = cluster.Primary(loop=loop, starter=starter)
         self.primary = primary
         cluster.use_primary(primary)
+        if self.starter is not None and not self._start_first_template():
+            return 1
         sched = self.config.sched
         if sched == "auto":
             sched = DEFAULT_SCHED
@@ -141,31 +220,33 @@ class Arbiter:
         scheme = "https" if self.config.certfile else "http"
         for bound in self.binds:
             LOG.info("listening at %s://%s (%s)", scheme, describe(bound), sched)
-        if self.app is not None:
-            # Objects loaded so far stay shared: refcount updates would copy their pages.
-            gc.freeze()
-        loop = primary.loop
         asyncio.set_event_loop(loop)
         try:
             return loop.run_until_complete(self._main())
         finally:
+            self.monitor.close()
             for name in SIGNALS:
                 with contextlib.suppress(ValueError, RuntimeError):
                     loop.remove_signal_handler(getattr(signal, name))
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
+        self.monitor.start(loop)  # control socket, /metrics, statsd: errors stop us here
         self._queue = asyncio.Queue()
         for name in SIGNALS:
             loop.add_signal_handler(getattr(signal, name), self._queue.put_nowait, name)
-        if os.getpid() == 1:
-            # As PID 1 (a container's entrypoint) orphans are re-parented to us.
+        if os.getpid() == 1 or self.starter is not None:
+            # As PID 1 (a container's entrypoint), or as the subreaper the
+            # template needs, orphans are re-parented to us.
             loop.add_signal_handler(signal.SIGCHLD, self.reap_orphans)
         for _ in range(self.num_workers):
             self.spawn_worker()
         interval = systemd.watchdog_interval()
         if interval:
             self._watchdog(loop, interval)
+        loop.call_later(SUPERVISE_INTERVAL, self._supervise)
+        if self.config.reload:
+            self.start_reloader(loop)
         while True:
             name = await self._queue.get()
             handler = getattr(self, f"handle_{name[3:].lower()}", None)
@@ -217,8 +298,8 @@ class Arbiter:
         chosen = str(config.worker_class)
         if chosen == "auto":
             interface = str(config.interface)
-            if interface == "auto" and self.app is not None:
-                interface = detect_interface(self.app, interface)
+            if interface == "auto" and self.app_interface is not None:
+                interface = self.app_interface  # what the template found (--preload)
             chosen = "sync" if interface == "wsgi" else "auto"
         if chosen not in ("sync", "threaded"):
             return (
@@ -231,8 +312,11 @@ class Arbiter:
         """Reap exited processes that are not workers (their exits are watched apart)."""
         assert self.primary is not None
         workers = {w.process.pid for w in self.primary.live_workers()}
+        if self.starter is not None:
+            workers |= {template.pid for template in self.starter.templates}
+        waited = workers | self.upgrader.pids  # a new primary's exit is watched apart too
         for pid in zombie_children(os.getpid()):
-            if pid not in workers:
+            if pid not in waited:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
 
@@ -243,14 +327,38 @@ class Arbiter:
 
     # -- workers ----------------------------------------------------------------
 
-    def spawn_worker(self) -> None:
+    def spawn_worker(self) -> cluster.Worker | None:
         assert self.primary is not None
         if self.stopping:
-            return
-        worker = self.primary.fork()
+            return None
+        if self.starter is not None and (self.template is None or not self.template.is_ready):
+            self.waiting_for_template += 1  # spawned once a template is ready
+            return None
+        assert self.scoreboard is not None
+        slot = self.scoreboard.allocate()
+        if slot is None:
+            LOG.warning("no scoreboard slot left: the new worker will not be supervised")
+        try:
+            worker = self.primary.fork({SLOT_ENV: slot} if slot is not None else None)
+        except cluster.TemplateError as error:
+            if slot is not None:
+                self.scoreboard.release(slot)
+            LOG.warning("cannot start a worker: %s; it starts with the next template", error)
+            self.waiting_for_template += 1
+            return None
+        if self.template is not None:
+            self.worker_templates[worker.id] = self.template
+        if self.reloading:
+            self.reload_pending.add(worker.id)
+        if slot is not None:
+            self.slots[worker.id] = slot
+        self.watches[worker.id] = Watch()
         self.started_at[worker.id] = time.monotonic()
         self.listening[worker.id] = 0
         self._call_hook("post_fork", self, worker)
+        if self.draining:
+            self.tell_drain(worker)
+        return worker
 
     def _worker_main(self) -> int:
         """In the forked worker."""
@@ -259,27 +367,42 @@ class Arbiter:
             f"forkserve: worker {worker.id if worker else '?'} "
             f"[{self.config.proc_name or self.config.app}]"
         )
-        return boot(self.config, self.app, self.bind_fds, self.config.worker_class)
+        return boot(
+            self.config,
+            self.app,
+            self.bind_fds,
+            self.config.worker_class,
+            slot_from_environ(self.scoreboard),
+        )
 
     def _after_fork(self) -> None:
         """In the forked worker, before boot: close the arbiter's copies of the binds.
 
         Workers get their sockets from the cluster, asking by the primary's fd
         numbers (``self.bind_fds``), so the inherited copies are not needed.
+        With ``--preload`` this runs in the template as it starts, and again
+        in each worker forked from it (the template's socketpair is closed
+        there by the cluster).
         """
         for bound in self.binds:
             with contextlib.suppress(OSError):
                 bound.sock.close()
+        self.upgrader.close_in_child()
+        self.monitor.close_in_child()
 
     def running_workers(self) -> int:
+        """Workers alive or starting, less those being replaced (they are leaving)."""
         assert self.primary is not None
         return (
             sum(
                 1
                 for worker in self.primary.workers.values()
-                if not worker.is_dead() and not worker.exited_after_disconnect
+                if not worker.is_dead()
+                and not worker.exited_after_disconnect
+                and worker not in self.retiring
             )
             + self.pending_spawns
+            + self.waiting_for_template
         )
 
     def _on_listening(self, worker: cluster.Worker, address: dict[str, Any]) -> None:
@@ -287,14 +410,17 @@ class Arbiter:
         if self.listening[worker.id] == len(self.binds) and worker.id not in self.booted:
             self.booted.add(worker.id)
             LOG.debug("worker %s (pid %s) is ready", worker.id, worker.process.pid)
-            self._retire_one()
-            if self.reloading and not self.retiring:
-                self.reloading = False
-                systemd.ready(f"reloaded: {len(self.booted)} workers serving")
+            if worker.id not in self.reload_old:  # one a HUP replaces replaces no one
+                self._retire_one()
+            if worker.id in self.reload_pending:
+                self.reload_pending.discard(worker.id)
+                if self._reload_complete():
+                    self._finish_reload()
             if not self.ready_logged and len(self.booted) >= self.num_workers:
                 self.ready_logged = True
-                systemd.ready(f"{len(self.booted)} workers serving")
                 LOG.info("ready: %s workers serving", len(self.booted))
+                # systemd's READY=1, and after SIGUSR2 the old primary's cue.
+                self.upgrader.ready(f"{len(self.booted)} workers serving")
                 self._call_hook("when_ready", self)
 
     def _retire_one(self) -> None:
@@ -302,10 +428,31 @@ class Arbiter:
         while self.retiring:
             old = self.retiring.popleft()
             if old.is_connected() and not old.is_dead():
+                self.exit_causes.setdefault(old.id, "reload")
                 old.disconnect()
+                self._kill_later(old, self.config.graceful_timeout + 5.0)
                 return
 
+    def _kill_later(self, worker: cluster.Worker, delay: float) -> None:
+        """A worker told to leave that is still there after ``delay`` is killed."""
+        assert self.primary is not None
+
+        def kill() -> None:
+            if not worker.is_dead() and not self.stopping:
+                LOG.warning(
+                    "worker %s (pid %s) did not leave within %.0fs; killing it",
+                    worker.id,
+                    worker.process.pid,
+                    delay,
+                )
+                worker.process.kill(signal.SIGKILL)
+
+        self.primary.loop.call_later(delay, kill)
+
     def _on_message(self, worker: cluster.Worker, message: Any, handle: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == RECYCLE_MESSAGE:
+            self.recycle(worker, str(message.get("reason") or "asked"))
+            return
         is_boot_error = isinstance(message, dict) and message.get("type") == BOOT_ERROR_MESSAGE
         if is_boot_error and not self.boot_error_logged:
             self.boot_error_logged = True
@@ -313,10 +460,25 @@ class Arbiter:
 
     def _on_exit(self, worker: cluster.Worker, code: int | None, signame: str | None) -> None:
         self._call_hook("worker_exit", self, worker)
+        self._release_slot(worker.id)
+        self.watches.pop(worker.id, None)
+        cause = self.exit_causes.pop(worker.id, None)
+        if cause is None and not worker.exited_after_disconnect and not self.stopping:
+            cause = "crash"
+        if cause is not None:
+            self.restarts[cause] = self.restarts.get(cause, 0) + 1
+        if worker is self.recycling:
+            self.recycling = None
+            assert self.primary is not None
+            self.primary.loop.call_soon(self._recycle_next)
         started = self.started_at.pop(worker.id, time.monotonic())
         booted = worker.id in self.booted
         self.booted.discard(worker.id)
         self.listening.pop(worker.id, None)
+        reloading = worker.id in self.reload_pending
+        self.reload_pending.discard(worker.id)
+        self.reload_old.discard(worker.id)
+        self.worker_templates.pop(worker.id, None)
         deliberate = bool(worker.exited_after_disconnect)
         now = time.monotonic()
         if not deliberate and not self.stopping:
@@ -332,10 +494,16 @@ class Arbiter:
                 running=self.running_workers(),
                 wanted=self.num_workers,
                 recent_crashes=len(self.crashes),
+                reloading=reloading,
+                started=self.ready_logged,
             )
         )
         how = f"code {code}" if signame is None else f"signal {signame}"
         age = now - started
+        if decision.action is Action.ABANDON_RELOAD:
+            pid = worker.process.pid
+            self.abandon_reload(f"new worker {worker.id} (pid {pid}) failed to boot ({how})")
+            return
         if decision.action is Action.HALT:
             if not self.boot_error_logged:
                 self.boot_error_logged = True
@@ -368,6 +536,9 @@ class Arbiter:
                 age,
                 decision.reason,
             )
+        self._close_idle_templates()
+        if self._reload_complete():
+            self._finish_reload()
 
     def _spawn_later(self, delay: float) -> None:
         assert self.primary is not None
@@ -383,16 +554,261 @@ class Arbiter:
         else:
             self.primary.loop.call_later(delay, spawn)
 
+    # -- supervision -------------------------------------------------------------
+
+    def _release_slot(self, worker_id: int) -> None:
+        """Fold an exited worker's counts into the retired totals; free its slot."""
+        slot = self.slots.pop(worker_id, None)
+        if slot is None or self.scoreboard is None:
+            return
+        self.retired.add(self.scoreboard.read(slot).counts)
+        self.scoreboard.release(slot)
+
+    def read_slot(self, worker: cluster.Worker) -> SlotView | None:
+        slot = self.slots.get(worker.id)
+        if slot is None or self.scoreboard is None:
+            return None
+        return self.scoreboard.read(slot)
+
+    def limits(self) -> Limits:
+        config = self.config
+        return Limits(
+            timeout=float(config.timeout),
+            request_timeout=float(config.request_timeout),
+            max_memory=int(config.max_worker_memory),
+            max_lifetime=float(config.max_worker_lifetime),
+        )
+
+    def _supervise(self) -> None:
+        """Read every ready worker's slot and act on what ``assess`` finds."""
+        assert self.primary is not None
+        loop = self.primary.loop
+        if self.stopping:
+            return
+        loop.call_later(SUPERVISE_INTERVAL, self._supervise)
+        limits = self.limits()
+        now = time.monotonic()
+        total = 0
+        for worker in self.primary.live_workers():
+            view = self.read_slot(worker)
+            watch = self.watches.get(worker.id)
+            if view is None or watch is None or worker.is_dead():
+                continue
+            total += view.counts.requests
+            if worker.id not in self.booted or worker.exited_after_disconnect:
+                continue  # booting or leaving: --graceful-timeout and _kill_later apply
+            age = now - self.started_at.get(worker.id, now)
+            rss = rss_of(worker.process.pid) if limits.max_memory else None
+            for finding in assess(watch, view, rss, age, now, limits):
+                self._act(worker, watch, finding)
+        status = f"{len(self.booted)} workers serving, {total + self.retired.requests} requests"
+        if status != self._last_status:
+            self._last_status = status
+            systemd.status(status)
+
+    def _act(self, worker: cluster.Worker, watch: Watch, finding: Finding) -> None:
+        pid = worker.process.pid
+        request = finding.request
+        doing = (
+            f"; in flight: {request.line} from {request.client or '-'} for {request.age:.1f}s"
+            if request is not None
+            else "; no request in flight"
+        )
+        if finding.kill:
+            LOG.error("worker %s (pid %s): %s%s; killing it", worker.id, pid, finding.detail, doing)
+            self.exit_causes[worker.id] = SILENT
+            self._background(self._dump_then_kill(worker))
+            return
+        if request is not None:
+            LOG.error(
+                "worker %s (pid %s): %s: %s from %s",
+                worker.id,
+                pid,
+                finding.detail,
+                request.line,
+                request.client or "-",
+            )
+            if self.scoreboard is not None and worker.id in self.slots:
+                self.scoreboard.count_timeout(self.slots[worker.id])
+            self._background(self._log_stack(worker, "at the request timeout"))
+        if finding.recycle and not watch.recycling:
+            watch.recycling = True
+            self.recycle(worker, finding.kind, finding.detail if request is None else "")
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dump_then_kill(self, worker: cluster.Worker) -> None:
+        await self._log_stack(worker, "before it was killed")
+        if not worker.is_dead():
+            worker.process.kill(signal.SIGKILL)
+
+    async def _log_stack(self, worker: cluster.Worker, when: str) -> None:
+        stack = await self.stack_of(worker)
+        LOG.error(
+            "stack of worker %s (pid %s) %s:\n%s",
+            worker.id,
+            worker.process.pid,
+            when,
+            stack.rstrip() or "  (no stack: the worker did not answer SIGUSR2)",
+        )
+
+    async def stack_of(self, worker: cluster.Worker) -> str:
+        """Every thread's Python stack in ``worker`` (faulthandler, on SIGUSR2)."""
+        view = self.read_slot(worker)
+        if view is None or view.stack_fd <= 0 or worker.is_dead():
+            return ""
+        path = f"/proc/{worker.process.pid}/fd/{view.stack_fd}"
+        try:
+            before = os.stat(path).st_size
+            worker.process.kill(signal.SIGUSR2)
+        except OSError:
+            return ""
+        deadline = time.monotonic() + STACK_DUMP_WAIT
+        size = before
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            try:
+                now_size = os.stat(path).st_size
+            except OSError:
+                return ""
+            if now_size > before and now_size == size:
+                break  # written, and no longer growing
+            size = now_size
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(before)
+                return handle.read(size - before).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    # -- what the primary can tell ---------------------------------------------------
+
+    def worker_state(self, worker: cluster.Worker) -> str:
+        if worker.is_dead():
+            return "dead"
+        if worker.exited_after_disconnect or not worker.is_connected():
+            return "leaving"
+        if worker.id not in self.booted:
+            return "booting"
+        if worker is self.recycling or worker in self.retiring:
+            return "retiring"
+        return "serving"
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``forkserve ctl status`` shows, as JSON-ready data."""
+        assert self.primary is not None
+        now = time.monotonic()
+        workers = []
+        for worker in sorted(self.primary.live_workers(), key=lambda w: w.id):
+            view = self.read_slot(worker)
+            pid = worker.process.pid
+            workers.append(
+                {
+                    "id": worker.id,
+                    "pid": pid,
+                    "state": self.worker_state(worker),
+                    "uptime": round(now - self.started_at.get(worker.id, now), 3),
+                    "rss": rss_of(pid),
+                    "requests": view.counts.requests if view else None,
+                    "in_flight": view.in_flight if view else None,
+                    "heartbeat_age": round(view.silent_for, 3) if view else None,
+                    "requests_in_flight": [
+                        {"line": r.line, "client": r.client, "age": round(r.age, 3)}
+                        for r in (view.requests if view else [])
+                    ],
+                }
+            )
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "app": self.config.app,
+            "worker_class": self.config.worker_class,
+            "sched": "rr" if self.primary.scheduling_policy == cluster.SCHED_RR else "none",
+            "listeners": [describe(bound) for bound in self.binds],
+            "workers_wanted": self.num_workers,
+            "uptime": round(time.time() - self.started_at_wall, 3),
+            "requests": self.totals().requests,
+            "restarts": dict(self.restarts),
+            "workers": workers,
+        }
+
+    def totals(self) -> Counts:
+        """Requests counted over every worker, the exited ones included."""
+        assert self.primary is not None
+        total = Counts()
+        total.add(self.retired)
+        for worker in self.primary.live_workers():
+            view = self.read_slot(worker)
+            if view is not None:
+                total.add(view.counts)
+        return total
+
+    def recycle(self, worker: cluster.Worker, reason: str, detail: str = "") -> None:
+        """Queue ``worker`` for replacement; one worker recycles at a time."""
+        if any(queued is worker for queued, _ in self.recycle_queue) or worker is self.recycling:
+            return
+        if detail:
+            LOG.info("worker %s (pid %s): %s", worker.id, worker.process.pid, detail)
+        self.recycle_queue.append((worker, reason))
+        self._recycle_next()
+
+    def _recycle_next(self) -> None:
+        """Start the next recycling: the replacement first, the old one leaves when it is ready."""
+        if self.stopping or self.reloading or self.recycling is not None:
+            return
+        while self.recycle_queue:
+            worker, reason = self.recycle_queue.popleft()
+            if worker.is_dead() or worker.exited_after_disconnect or not worker.is_connected():
+                continue
+            LOG.info("recycling worker %s (pid %s): %s", worker.id, worker.process.pid, reason)
+            self.recycling = worker
+            self.exit_causes[worker.id] = reason
+            self.retiring.append(worker)
+            self.spawn_worker()
+            return
+
     def _enqueue(self, name: str) -> None:
         if self._queue is not None:
             self._queue.put_nowait(name)
 
     # -- signals ------------------------------------------------------------------
 
-    async def handle_term(self) -> int:
+    async def handle_term(self) -> int | None:
+        delay = float(self.config.drain_delay)
+        if delay > 0 and not self.draining:
+            self.begin_drain(delay)
+            return None
         LOG.info("graceful stop (SIGTERM): finishing in-flight requests")
         await self.stop(graceful=True)
         return self.exit_code
+
+    def begin_drain(self, delay: float) -> None:
+        """SIGTERM with --drain-delay: keep accepting for ``delay`` seconds while
+        every response closes its connection, then the graceful stop.
+
+        Load balancers and clients see ``Connection: close`` and move away
+        before the listeners close. The stop comes as a second TERM, queued
+        for the end of the delay; one sent meanwhile starts it at once, and
+        INT or QUIT stop fast as usual.
+        """
+        assert self.primary is not None
+        self.draining = True
+        if not self.upgrader.handed_over():  # else the service goes on in the new primary
+            systemd.stopping()
+        LOG.info(
+            "SIGTERM: draining for %.1fs (responses close their connections), then stopping",
+            delay,
+        )
+        for worker in self.primary.workers.values():
+            self.tell_drain(worker)
+        self.primary.loop.call_later(delay, self._enqueue, "SIGTERM")
+
+    def tell_drain(self, worker: cluster.Worker) -> None:
+        if worker.is_connected():
+            worker.send({"type": DRAIN_MESSAGE}, None, _ignore_send_error)
 
     async def handle_int(self) -> int:
         await self.stop(graceful=False)
@@ -421,16 +837,307 @@ class Arbiter:
         for worker in self.primary.workers.values():
             worker.process.kill(signal.SIGUSR1)
 
+    def handle_usr2(self) -> None:
+        """Start a new primary on the same sockets; this one serves on until TERM."""
+        assert self.primary is not None
+        if self.stopping:
+            LOG.info("SIGUSR2 ignored: stopping")
+            return
+        self.upgrader.start(self.primary.loop, self.binds)
+
     def handle_hup(self) -> None:
-        """Start a new worker per old one; each old one retires when a new one is ready."""
+        """Reload the configuration and the app: new workers (from a new template with
+        --preload) replace the old ones, an old one leaving as each new one is ready.
+
+        An invalid configuration, or new code that cannot boot, changes nothing:
+        the old workers serve on (see ``abandon_reload``).
+        """
+        assert self.primary is not None
+        if self.stopping:
+            return
+        LOG.info("SIGHUP: reloading the configuration and the application")
+        systemd.reloading()
+        if not self.reload_configuration():
+            systemd.ready(f"reload refused: {len(self.booted)} workers serving")
+            return
+        self.boot_error_logged = False  # the new code's first boot error is news
+        if self.starter is not None:
+            self.start_template(reload=True)
+        else:
+            self.replace_workers()
+
+    # -- reload ----------------------------------------------------------------------
+
+    def reload_configuration(self) -> bool:
+        """Read the configuration again and switch to it; False (one error line) if invalid.
+
+        Settings the primary holds keep their running value (one warning
+        names them); log files and levels, the umask, ``--env`` and the pool
+        size (when ``workers`` changed) apply now, everything else to the
+        workers started from now on.
+        """
+        before = (self.config, self.num_workers, self.template)
+        if self.reload_config is None:
+            self.previous = self.previous or before
+            return True
+        assert self.primary is not None
+        running = self.config
+        try:
+            loaded = self.reload_config()
+        except ForkserveError as error:
+            LOG.error("SIGHUP: %s; keeping the running configuration", error)
+            return False
+        except Exception as error:  # a HUP must never take the primary down
+            LOG.error(
+                "SIGHUP: cannot read the configuration: %s: %s; keeping the running one",
+                type(error).__name__,
+                error,
+                exc_info=LOG.isEnabledFor(logging.DEBUG),
+            )
+            return False
+        fixed = fixed_settings(
+            running,
+            round_robin=self.primary.scheduling_policy == cluster.SCHED_RR,
+            head_buffering=self.primary.head_complete is not None,
+        )
+        result = reconfigure(running, loaded, fixed)
+        try:
+            log.setup_logging(result.config)
+        except ConfigError as error:
+            log.setup_logging(running)
+            LOG.error("SIGHUP: %s; keeping the running configuration", error)
+            return False
+        if result.kept:
+            LOG.warning(
+                "SIGHUP: %s cannot change while running; restart or upgrade (USR2) to apply",
+                ", ".join(result.kept),
+            )
+        # A reload still under way knows what ran before it: a failure goes back there.
+        self.previous = self.previous or before
+        self._apply_config(result.config, running)
+        if int(result.config.workers) != int(running.workers):
+            self.num_workers = int(result.config.workers)
+        if result.changed:
+            LOG.info("SIGHUP: new configuration: %s changed", ", ".join(result.changed))
+        return True
+
+    def _apply_config(self, config: Config, running: Config) -> None:
+        """Switch to ``config`` in the primary (logging is set up by the caller)."""
+        self.config = config
+        os.umask(config.umask)
+        old_env = dict(item.partition("=")[::2] for item in running.raw_env)
+        new_env = dict(item.partition("=")[::2] for item in config.raw_env)
+        for key in old_env.keys() - new_env.keys():
+            os.environ.pop(key, None)
+        os.environ.update(new_env)
+
+    def replace_workers(self) -> None:
+        """Start the new generation of workers; the reload completes once all are ready."""
         assert self.primary is not None
         old = [w for w in self.primary.workers.values() if w not in self.retiring]
-        LOG.info("SIGHUP: replacing %s workers", len(old))
-        systemd.reloading()
+        LOG.info("SIGHUP: starting %s new workers to replace %s", self.num_workers, len(old))
         self.reloading = True
+        self.reload_pending.clear()  # a reload still under way is superseded: its workers are old
+        self.reload_old.update(worker.id for worker in old)
         self.retiring.extend(old)
-        for _ in old:
+        self.waiting_for_template = 0  # the new generation replaces those too
+        for _ in range(self.num_workers):
             self.spawn_worker()
+        if self._reload_complete():
+            self._finish_reload()
+
+    def _reload_complete(self) -> bool:
+        return (
+            self.reloading
+            and not self.reload_pending
+            and not self.waiting_for_template
+            and not self.pending_spawns
+        )
+
+    def _finish_reload(self) -> None:
+        """Every new worker is ready: the old ones still there leave, and so does
+        the old template once its last worker has."""
+        while any(worker.id in self.reload_old for worker in self.retiring):
+            self._retire_one()
+        self.reloading = False
+        self.reload_old.clear()
+        self.previous = None
+        LOG.info("reload complete: %s workers serving", self.num_workers)
+        systemd.ready(f"reloaded: {len(self.booted)} workers serving")
+        self._close_idle_templates()
+        self._recycle_next()
+
+    def abandon_reload(self, reason: str) -> None:
+        """The reload failed: its workers not yet ready leave, the old ones serve on
+        with the old configuration (and template); nothing is halted."""
+        assert self.primary is not None
+        LOG.error("reload abandoned: %s; the old workers keep serving", reason)
+        for worker_id in sorted(self.reload_pending):
+            worker = self.primary.workers.get(worker_id)
+            if worker is not None and not worker.is_dead():
+                worker.kill("SIGTERM")
+        self.reload_pending.clear()
+        self.retiring = deque(w for w in self.retiring if w.id not in self.reload_old)
+        self.reload_old.clear()
+        self.reloading = False
+        if self.previous is not None:
+            config, num_workers, template = self.previous
+            self.previous = None
+            if config is not self.config:
+                with contextlib.suppress(ConfigError):  # it was in use until this HUP
+                    log.setup_logging(config)
+                self._apply_config(config, self.config)
+            self.num_workers = num_workers
+            if self.starter is not None and self.template is not template:
+                if template is not None and template.is_ready:
+                    self._use_template(template, template.info or {})
+                else:
+                    self.start_template(reload=False)
+        systemd.ready(f"reload abandoned: {len(self.booted)} workers serving")
+        self._close_idle_templates()
+        self._recycle_next()
+
+    # -- the template (--preload) -------------------------------------------------------
+
+    def _prepare_template(self) -> dict[str, Any]:
+        """In a new template process: import the app once, for every worker forked from it."""
+        config = self.config
+        set_title(f"forkserve: template [{config.proc_name or config.app}]")
+        self.app = load_app(app_spec(config), factory=config.factory, pythonpath=config.pythonpath)
+        interface = detect_interface(self.app, config.interface)
+        # Objects loaded so far stay shared: refcount updates would copy their pages.
+        gc.freeze()
+        return {"interface": interface}
+
+    def _start_first_template(self) -> bool:
+        """Startup with --preload: the template imports the app before any worker starts.
+
+        An app that cannot be imported is logged (one line); False then.
+        """
+        assert self.starter is not None and self.primary is not None
+        template = self._spawn_template()
+        try:
+            info = self.primary.loop.run_until_complete(template.ready())
+        except cluster.TemplateError as error:
+            LOG.error("%s", error)
+            template.kill()
+            return False
+        self._use_template(template, info)
+        return True
+
+    def _spawn_template(self) -> cluster.Template:
+        assert self.starter is not None and self.primary is not None
+        template = self.starter.spawn_template(self.primary.close_inherited)
+        template.on("exit", lambda code, sig: self._on_template_exit(template, code, sig))
+        return template
+
+    def start_template(self, reload: bool) -> None:
+        """Prepare a new template; once ready it replaces the workers (``reload``) or
+        forks those waiting. One HUP supersedes a template still preparing."""
+        if self.next_template is not None:
+            self.next_template.kill()
+        template = self._spawn_template()
+        self.next_template = template
+        LOG.info("template (pid %s) is loading the application", template.pid)
+        self._background(self._when_template_ready(template, reload))
+
+    async def _when_template_ready(self, template: cluster.Template, reload: bool) -> None:
+        try:
+            info = await template.ready()
+        except cluster.TemplateError as error:
+            if template is not self.next_template:
+                return  # superseded, or the server is stopping
+            self.next_template = None
+            template.kill()
+            if reload and not self.stopping:
+                self.abandon_reload(str(error))
+            elif not self.stopping:
+                LOG.error(
+                    "%s; no template: workers that exit are replaced after a successful HUP",
+                    error,
+                )
+            return
+        if template is not self.next_template or self.stopping:
+            template.close()
+            return
+        self.next_template = None
+        refused = self._interface_refused(info)
+        if refused and reload:
+            template.close()
+            self.abandon_reload(refused)
+            return
+        self._use_template(template, info)
+        if reload:
+            self.replace_workers()
+            return
+        waiting, self.waiting_for_template = self.waiting_for_template, 0
+        for _ in range(waiting):
+            self.spawn_worker()
+        if self._reload_complete():
+            self._finish_reload()
+
+    def _interface_refused(self, info: dict[str, Any]) -> str | None:
+        """New code the primary's request-head buffering cannot serve, or None."""
+        assert self.primary is not None
+        interface = info.get("interface")
+        if self.primary.head_complete is None or self.config.interface != "auto":
+            return None
+        if interface == "wsgi":
+            return None
+        return (
+            f"the application is now {str(interface).upper()}, and --buffer-request-head "
+            "was set up for WSGI; restart to apply"
+        )
+
+    def _use_template(self, template: cluster.Template, info: dict[str, Any]) -> None:
+        assert self.starter is not None
+        self.starter.use(template)
+        self.template = template
+        interface = info.get("interface")
+        self.app_interface = str(interface) if interface else None
+        LOG.debug("workers fork from template (pid %s)", template.pid)
+        self._close_idle_templates()
+
+    def _close_idle_templates(self) -> None:
+        """A template no longer in use leaves once the last worker forked from it has."""
+        if self.starter is None:
+            return
+        in_use = set(map(id, self.worker_templates.values()))
+        keep = {id(self.template), id(self.next_template)}
+        if self.previous is not None:
+            keep.add(id(self.previous[2]))  # a failing reload may go back to it
+        for template in self.starter.templates:
+            if id(template) not in in_use | keep and not template.closed:
+                LOG.info("template (pid %s) is no longer used; it exits", template.pid)
+                template.close()
+
+    def _on_template_exit(
+        self, template: cluster.Template, code: int | None, signame: str | None
+    ) -> None:
+        if template.closed or self.stopping or template is not self.template:
+            return  # asked to leave, or still preparing (its error goes to ready())
+        how = f"code {code}" if signame is None else f"signal {signame}"
+        self.template = None
+        if self.next_template is not None:
+            LOG.warning("template (pid %s) exited with %s", template.pid, how)
+            return  # the one being prepared takes over
+        LOG.warning("template (pid %s) exited with %s; starting a new one", template.pid, how)
+        self.start_template(reload=False)
+
+    async def _close_templates(self) -> None:
+        """At the end of a stop: every template leaves (bounded wait)."""
+        if self.starter is None:
+            return
+        loop = asyncio.get_running_loop()
+        exits = []
+        for template in self.starter.templates:
+            gone: asyncio.Future[None] = loop.create_future()
+            template.once("exit", lambda code, sig, gone=gone: gone.done() or gone.set_result(None))
+            exits.append(gone)
+        self.next_template = None
+        self.starter.close()
+        if exits:
+            await asyncio.wait(exits, timeout=FAST_STOP_GRACE)
 
     def handle_winch(self) -> None:
         """Retire every worker and keep the primary (TTIN brings workers back).
@@ -452,11 +1159,23 @@ class Arbiter:
         """Stop every worker: disconnect and wait (graceful) or signal them (fast)."""
         assert self.primary is not None
         self.stopping = True
-        systemd.stopping()
+        if self.reloader is not None:
+            self.reloader.stop()
+        if not self.upgrader.handed_over():  # else the service goes on in the new primary
+            systemd.stopping()
         primary = self.primary
         # Workers already disconnected have left ``workers`` but may still be running.
         alive = [w for w in primary.live_workers() if not w.is_dead()]
         deadline = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
+        if graceful:
+            # Round robin: stop accepting and let the workers take every
+            # connection the primary already holds before they are told to go.
+            began = time.monotonic()
+            if not await primary.pause_accepting(deadline):
+                LOG.warning("connections still waiting in the primary after %.0fs", deadline)
+            deadline = max(1.0, deadline - (time.monotonic() - began))
+        # The cluster's handles close with their last worker (round robin too).
+        primary.keep_handles = False
         for worker in alive:
             if graceful:
                 if worker.is_connected() and not worker.exited_after_disconnect:
@@ -465,6 +1184,7 @@ class Arbiter:
                     worker.process.kill(signal.SIGTERM)
             else:
                 worker.process.kill(signal.SIGQUIT)
+        self.close_listeners()
         waiter = asyncio.ensure_future(primary.wait_idle())
         done, _ = await asyncio.wait({waiter}, timeout=deadline)
         if not done:
@@ -479,7 +1199,41 @@ class Arbiter:
                     worker.process.kill(signal.SIGKILL)
             await asyncio.wait({waiter}, timeout=5.0)
         waiter.cancel()
+        await self._close_templates()
         LOG.info("stopped")
+
+    def close_listeners(self) -> None:
+        """Close the primary's copies of the listening sockets.
+
+        Once the workers have closed theirs too, a new connection is refused
+        at once, instead of waiting in the backlog to be reset when the
+        primary exits. Closing (not shutting down) leaves a socket handed to
+        a new primary alone.
+        """
+        for bound in self.binds:
+            with contextlib.suppress(OSError):
+                bound.close(unlink=False)
+
+    # -- --reload -------------------------------------------------------------------
+
+    def start_reloader(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch the app's files (see ``forkserve.reloader``); a change is a HUP."""
+        roots = reload_roots(os.getcwd(), self.config.pythonpath)
+        try:
+            self.reloader = Reloader(
+                roots, self.config.reload_extra_files, self._on_files_changed, loop=loop
+            )
+        except ValueError as exc:
+            LOG.error("--reload is off: %s", exc)
+            return
+        self.reloader.start()
+        LOG.info("--reload: watching %s (%s)", ", ".join(roots) or "nothing", self.reloader.engine)
+
+    def _on_files_changed(self, paths: list[str]) -> None:
+        if self.stopping or self.draining:
+            return
+        LOG.info("reloading: %s changed", paths[0])
+        self._enqueue("SIGHUP")
 
     # -- helpers --------------------------------------------------------------------
 
@@ -499,7 +1253,8 @@ class Arbiter:
         with contextlib.suppress(FileNotFoundError, ValueError):
             with open(path) as handle:
                 old = int(handle.read().strip() or 0)
-            if old and old != os.getpid() and _alive(old):
+            mine = (os.getpid(), self.upgrader.from_pid)  # the old primary moves aside
+            if old and old not in mine and _alive(old):
                 from forkserve.errors import ConfigError
 
                 raise ConfigError(
@@ -516,6 +1271,10 @@ class Arbiter:
             with contextlib.suppress(OSError), open(self.config.pidfile) as handle:
                 if int(handle.read().strip() or 0) == os.getpid():
                     os.unlink(self.config.pidfile)
+
+
+def _ignore_send_error(exc: BaseException | None) -> None:
+    """A worker gone before a message reached it: its exit is handled apart."""
 
 
 def _has_terminal() -> bool:
@@ -547,9 +1306,22 @@ def daemonize() -> None:
 
 
 def zombie_children(parent: int) -> list[int]:
-    """Pids of exited, unreaped children of ``parent`` (from /proc)."""
+    """Pids of exited, unreaped children of ``parent`` (from /proc).
+
+    The kernel's list of ``parent``'s children is read when it has one (it
+    runs on every SIGCHLD: a scan of every process would cost a
+    millisecond per hundred processes), else every process is looked at.
+    """
+    try:
+        entries = [
+            child
+            for task in os.listdir(f"/proc/{parent}/task")
+            for child in _read(f"/proc/{parent}/task/{task}/children").split()
+        ]
+    except OSError:
+        entries = os.listdir("/proc")
     found = []
-    for entry in os.listdir("/proc"):
+    for entry in entries:
         if not entry.isdigit():
             continue
         try:
@@ -560,6 +1332,11 @@ def zombie_children(parent: int) -> list[int]:
         if fields[0] == "Z" and int(fields[1]) == parent:
             found.append(int(entry))
     return found
+
+
+def _read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
 
 
 def _alive(pid: int) -> bool:

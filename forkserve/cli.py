@@ -143,8 +143,16 @@ def _serve(app: str | None, values: Mapping[str, Any]) -> None:
         return
     level = given.get("loglevel") or os.environ.get("FORKSERVE_LOGLEVEL", "")
     debug = str(level).lower() == "debug"
+    # A HUP reads the configuration again from the same command line and
+    # environment, relative to the same directory; the config file is re-read.
+    environ = dict(os.environ)
+    cwd = os.getcwd()
+
+    def reload_config() -> Config:
+        return load_config(given, environ, app=app, cwd=cwd)
+
     try:
-        config = load_config(given, os.environ, app=app)
+        config = reload_config()
     except ForkserveError as error:
         _fail(error, debug)
         return
@@ -161,11 +169,11 @@ def _serve(app: str | None, values: Mapping[str, Any]) -> None:
             click.echo(_check(config, app))
             return
         # Fail fast on a wrong APP; the app itself is imported by the workers
-        # (or by the arbiter with --preload).
+        # (or by the template process they fork from, with --preload).
         find_app(app, chdir=config.chdir, pythonpath=config.pythonpath)
         from forkserve.arbiter import Arbiter
 
-        code = Arbiter(config).run()
+        code = Arbiter(config, reload_config).run()
     except ForkserveError as error:
         _fail(error, config.loglevel == "debug")
         return
@@ -185,7 +193,9 @@ def _build() -> click.Command:
             "worker processes.\n\n"
             "Every option can also be set in a config file (-c), as FORKSERVE_<NAME> in the "
             "environment, or in FORKSERVE_CMD_ARGS. The command line wins over "
-            "FORKSERVE_CMD_ARGS, which wins over single variables, then the config file."
+            "FORKSERVE_CMD_ARGS, which wins over single variables, then the config file.\n\n"
+            "To ask a running server (status, stats, scale, reload, stop, dump-stacks): "
+            "forkserve ctl --help."
         ),
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     )
@@ -194,9 +204,71 @@ def _build() -> click.Command:
 command = _build()
 
 
+def _ctl(
+    socket_path: str | None,
+    pidfile: str | None,
+    as_json: bool,
+    name: str,
+    args: tuple[str, ...],
+) -> None:
+    from forkserve import ctl
+
+    if socket_path and pidfile:
+        raise click.UsageError("use --socket or --pid, not both")
+    try:
+        text, code = ctl.run(name, args, socket_path=socket_path, pidfile=pidfile, as_json=as_json)
+    except ForkserveError as error:
+        click.echo(f"forkserve ctl: error: {error}", err=True)
+        sys.exit(error.exit_code)
+    click.echo(text)
+    sys.exit(code)
+
+
+ctl_command = click.Command(
+    "ctl",
+    params=[
+        click.Option(
+            ["--socket", "socket_path"],
+            metavar="PATH",
+            help="The server's control socket (--control-socket).",
+        ),
+        click.Option(
+            ["--pid", "pidfile"],
+            metavar="PIDFILE",
+            help="The server's --pid file: its control socket is beside it.",
+        ),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print the raw JSON answer."),
+        click.Argument(["name"], metavar="COMMAND"),
+        click.Argument(["args"], nargs=-1, metavar="[ARGS]..."),
+    ],
+    callback=_ctl,
+    help=(
+        "Ask a running forkserve through its control socket. Without --socket or --pid, "
+        "the only server with a socket in the runtime directory "
+        "($XDG_RUNTIME_DIR/forkserve, /run/forkserve or /tmp/forkserve-UID).\n\n"
+        "\b\nCommands:\n"
+        "  status       workers, their state, requests in flight, memory\n"
+        "  stats        request counts by method and status, latency, restarts\n"
+        "  scale N      run N workers (N >= 1)\n"
+        "  reload       replace every worker (as SIGHUP)\n"
+        "  stop         graceful stop (as SIGTERM)\n"
+        "  dump-stacks  every worker's Python stack (also logged)"
+    ),
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command line with ``argv`` (``sys.argv[1:]`` by default); exits."""
-    command.main(args=list(argv) if argv is not None else None, prog_name="forkserve")
+    """Run the command line with ``argv`` (``sys.argv[1:]`` by default); exits.
+
+    ``forkserve ctl ...`` is the control client; anything else serves an app
+    (an app module named ``ctl`` is served as ``ctl:app``).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["ctl"]:
+        ctl_command.main(args=args[1:], prog_name="forkserve ctl")
+        return
+    command.main(args=args, prog_name="forkserve")
 
 
 if __name__ == "__main__":

@@ -233,7 +233,8 @@ SETTINGS: tuple[Setting, ...] = (
        path="new", metavar="FILE", help="Access log file; '-' is stdout; unset disables it."),
     _S("access_log_format", text, DEFAULT_ACCESS_LOG_FORMAT, ("--access-logformat",),
        section="logging", metavar="FORMAT",
-       help="Access log line, with gunicorn's %(x)s atoms."),
+       help="Access log line, with gunicorn's %(x)s atoms, plus %(W)s (worker id) and "
+       "%(Q)s (ms the connection waited in the primary, --sched rr; '-' otherwise)."),
     _S("logconfig", optional_text, None, ("--log-config",), section="logging", path="file",
        validate=logconfig_suffix, metavar="FILE",
        help="logging configuration: dictConfig as .json or .toml, or fileConfig as "

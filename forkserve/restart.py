@@ -3,8 +3,11 @@
 ``exited_after_disconnect`` tells a deliberate exit (scale down, shutdown,
 recycling) from a crash. A deliberate exit is replaced only while fewer
 workers run than wanted; a crash is replaced, with an exponential back-off
-once crashes repeat; a worker that could not boot (exit code 3 or 4 before
-it was ready) stops the arbiter instead of crash-looping.
+once crashes repeat. A worker that could not boot (exit code 3 or 4 before
+it was ready) stops the arbiter at startup instead of crash-looping; during
+a reload (HUP) it abandons the reload, the old workers serving on; once the
+server has served it is a crash like any other, retried with back-off while
+the rest of the pool serves.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class Action(enum.Enum):
     NOTHING = "nothing"
     SPAWN = "spawn"
     HALT = "halt"
+    ABANDON_RELOAD = "abandon_reload"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,8 @@ class ExitFacts:
     running: int  # workers alive or starting, not counting this one
     wanted: int
     recent_crashes: int  # crashes within CRASH_WINDOW, this one included
+    reloading: bool = False  # this worker was started by a reload still under way
+    started: bool = False  # the pool has been ready once: startup is over
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +61,14 @@ def decide(facts: ExitFacts) -> Decision:
         return Decision(Action.NOTHING, reason="shutting down")
     # A worker told to leave while booting may fail its boot: that is not a
     # reason to stop the server, so intent is looked at first.
-    if (
+    failed_boot = (
         not facts.deliberate
         and not facts.booted
-        and facts.code
-        in (
-            WORKER_BOOT_ERROR,
-            APP_LOAD_ERROR,
-        )
-    ):
+        and facts.code in (WORKER_BOOT_ERROR, APP_LOAD_ERROR)
+    )
+    if failed_boot and facts.reloading:
+        return Decision(Action.ABANDON_RELOAD, reason="a new worker failed to boot")
+    if failed_boot and not facts.started:
         return Decision(Action.HALT, reason="worker failed to boot")
     if facts.deliberate:
         if facts.running < facts.wanted:
@@ -71,4 +76,5 @@ def decide(facts: ExitFacts) -> Decision:
         return Decision(Action.NOTHING, reason="left on purpose")
     if facts.running >= facts.wanted:
         return Decision(Action.NOTHING, reason="pool is full")
-    return Decision(Action.SPAWN, backoff(facts.recent_crashes), reason="crashed")
+    reason = "failed to boot" if failed_boot else "crashed"
+    return Decision(Action.SPAWN, backoff(facts.recent_crashes), reason=reason)

@@ -29,18 +29,36 @@ class BoundSocket:
     name: str  # as the user wrote it
     sock: socket.socket
     unix_path: str | None = None
+    inode: tuple[int, int] | None = None  # (st_dev, st_ino) of unix_path once bound
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self, unlink: bool = True) -> None:
+        """Close; with ``unlink`` remove the unix socket's file if it is still ours.
+
+        A path that now names another file (someone bound it anew) is left alone.
+        """
         self.sock.close()
         if unlink and self.unix_path:
             try:
-                if stat.S_ISSOCK(os.stat(self.unix_path).st_mode):
+                info = os.stat(self.unix_path)
+                ours = self.inode is None or (info.st_dev, info.st_ino) == self.inode
+                if stat.S_ISSOCK(info.st_mode) and ours:
                     os.unlink(self.unix_path)
             except OSError:
                 pass
+
+
+def socket_inode(path: str | None) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of a unix socket's file, or None."""
+    if not path:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
 
 
 def open_bind(bind: str, *, backlog: int, unix_mode: int = 0o660) -> BoundSocket:
@@ -64,7 +82,8 @@ def open_bind(bind: str, *, backlog: int, unix_mode: int = 0o660) -> BoundSocket
             sock.close()
             raise BindError(f"bind {bind}: cannot set mode: {exc.strerror}") from None
     sock.set_inheritable(False)
-    return BoundSocket(bind, sock, addr.path if addr.kind == "unix" else None)
+    path = addr.path if addr.kind == "unix" else None
+    return BoundSocket(bind, sock, path, socket_inode(path))
 
 
 def open_binds(

@@ -37,8 +37,18 @@ def notify(*fields: str, environ: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-def ready(status: str = "") -> bool:
-    return notify("READY=1", *(["STATUS=" + status] if status else []))
+def ready(status: str = "", *, mainpid: int | None = None) -> bool:
+    """``READY=1`` with ``STATUS=``; ``mainpid`` also makes that process the main one.
+
+    With ``mainpid`` both go in one message, so systemd never sees the
+    service ready under a main process that is about to exit (the unit needs
+    ``NotifyAccess=all`` to take it from a process that is not the main one).
+    """
+    fields = [f"MAINPID={mainpid}"] if mainpid else []
+    fields.append("READY=1")
+    if status:
+        fields.append("STATUS=" + status)
+    return notify(*fields)
 
 
 def reloading() -> bool:

@@ -335,11 +335,16 @@ def children_of(pid: int) -> list[int]:
     return live
 
 
-HELPER_MARKERS = ("resource_tracker", "semaphore_tracker", "multiprocessing.forkserver")
+HELPER_MARKERS = (
+    "resource_tracker",
+    "semaphore_tracker",
+    "multiprocessing.forkserver",
+    "forkserve: template",  # --preload: the process workers fork from
+)
 
 
 def is_helper(pid: int) -> bool:
-    """True for multiprocessing's helper processes, which are not workers."""
+    """True for helper processes (multiprocessing's, forkserve's template): not workers."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import APPS, ROOT, children_of, free_port, pid_alive, wait_for
+from tests.helpers import APPS, ROOT, children_of, free_port, is_template, pid_alive, wait_for
 
 FORKSERVE = [sys.executable, "-m", "forkserve"]
 
@@ -64,7 +64,12 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def workers(self) -> list[int]:
-        return [pid for pid in children_of(self.pid) if pid_alive(pid)]
+        """The primary's live children, less the template process (``--preload``)."""
+        return [pid for pid in children_of(self.pid) if pid_alive(pid) and not is_template(pid)]
+
+    def templates(self) -> list[int]:
+        """The live template processes (``--preload``): children titled as such."""
+        return [pid for pid in children_of(self.pid) if pid_alive(pid) and is_template(pid)]
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
         if self.unix_path:

@@ -43,6 +43,15 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def is_template(pid: int) -> bool:
+    """True for a template process (``--preload``), told by its process title."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().startswith(b"forkserve: template")
+    except OSError:
+        return False
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:

@@ -25,6 +25,7 @@ from .primary import SCHED_NONE, SCHED_RR, Primary
 from .round_robin import RoundRobinHandle, RoundRobinQueue
 from .shared_handle import SharedHandle
 from .starter import WORKER_ID_ENV, ChildProcess, ExecStarter, ForkStarter
+from .template import Template, TemplateError, TemplateStarter
 from .worker_object import State, Worker
 
 __all__ = [
@@ -44,6 +45,9 @@ __all__ = [
     "RoundRobinQueue",
     "SharedHandle",
     "State",
+    "Template",
+    "TemplateError",
+    "TemplateStarter",
     "Worker",
     "WorkerProcess",
     "available_parallelism",

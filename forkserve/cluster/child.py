@@ -192,7 +192,9 @@ class Child(EventEmitter):
             self.ack(body["key"], body["seq"], accepted=False)
             return
         data = body.get("data")
-        listener._deliver(conn, body["seq"], data.encode("latin-1") if data else b"")
+        listener._deliver(
+            conn, body["seq"], data.encode("latin-1") if data else b"", body.get("at")
+        )
 
     def _act_disconnect(self, body: dict[str, Any], fds: tuple[int, ...]) -> None:
         self._disconnect(primary_initiated=True)

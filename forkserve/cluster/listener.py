@@ -18,7 +18,9 @@ socket raced by several workers.
 Under round robin the primary may have read the first bytes of a connection
 already (the server's request-head buffering); ``take_initial_data(conn)``
 returns them, once, to whoever serves the connection (``serve()`` feeds them
-to the stream reader itself).
+to the stream reader itself). Likewise ``take_accepted_at(conn)`` returns
+when the primary accepted it (``time.monotonic()``, the same clock in every
+process of the machine), so the worker can tell how long it waited there.
 
 Imports nothing from forkserve outside this package.
 """
@@ -30,6 +32,7 @@ import errno
 import os
 import select
 import socket
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -94,6 +97,10 @@ class Listener:
         self._blocking = True
         self._queue: deque[tuple[socket.socket, int]] = deque()
         self._initial: dict[socket.socket, bytes] = {}
+        # Weak: a connection whose server never asks must not be kept open here.
+        self._accepted_at: weakref.WeakKeyDictionary[socket.socket, float] = (
+            weakref.WeakKeyDictionary()
+        )
         self._eventfd = -1
         self._epoll: select.epoll | None = None
         self._waiters: deque[asyncio.Future[tuple[socket.socket, Any]]] = deque()
@@ -161,6 +168,11 @@ class Listener:
     def take_initial_data(self, conn: socket.socket) -> bytes:
         """Bytes of ``conn`` the primary read before handing it over (once; else b"")."""
         return self._initial.pop(conn, b"")
+
+    def take_accepted_at(self, conn: socket.socket) -> float | None:
+        """When the primary accepted ``conn`` (``time.monotonic()``; once), or None
+        when it did not come through the primary (every policy but round robin)."""
+        return self._accepted_at.pop(conn, None)
 
     def close(self) -> None:
         """Stop listening; under round robin, waiting connections go back to the primary."""
@@ -249,10 +261,14 @@ class Listener:
 
     # -- round robin (called by the child role) -----------------------------
 
-    def _deliver(self, conn: socket.socket, token: int, data: bytes = b"") -> None:
+    def _deliver(
+        self, conn: socket.socket, token: int, data: bytes = b"", accepted: float | None = None
+    ) -> None:
         """A connection arrived from the primary for this listener."""
         if data:
             self._initial[conn] = data
+        if accepted:
+            self._accepted_at[conn] = accepted
         if self._serve_cb is not None:
             self._child_ack(token)
             self._start_conn(conn, _peer(conn))

@@ -42,7 +42,7 @@ from .ipc import (
     socketpair,
 )
 from .listener import Listener
-from .round_robin import HeadComplete, OnExpired, OnOverflow, RoundRobinHandle
+from .round_robin import HeadComplete, OnExpired, OnOverflow, RoundRobinHandle, WaitStats
 from .shared_handle import SharedHandle
 from .starter import (
     INSPECT_PORT_ENV,
@@ -140,6 +140,9 @@ class Primary(EventEmitter):
         # disconnect(). Off: Node's behaviour, the handle closes.
         self.keep_handles = False
         self._disconnecting = False
+        # How long connections waited in every round-robin handle, from
+        # accept to being taken by a worker (handles come and go; this stays).
+        self.rr_wait = WaitStats()
 
     # -- settings and policy ----------------------------------------------------
 
@@ -222,7 +225,7 @@ class Primary(EventEmitter):
 
             def close_in_child() -> None:
                 parent_sock.close()
-                self._close_in_child()
+                self.close_inherited()
 
             process = self.starter.start(
                 worker_id, settings, child_env, child_sock.fileno(), close_in_child
@@ -255,8 +258,9 @@ class Primary(EventEmitter):
         base = int(self._environ.get(INSPECT_PORT_ENV, "9229") or 9229)
         return base + worker_id
 
-    def _close_in_child(self) -> None:
-        """In a forked child: close everything the primary owns, loop included."""
+    def close_inherited(self) -> None:
+        """In a process forked from the primary (a worker, a template): close
+        everything the primary owns, its loop included."""
         for record in self._records.values():
             try:
                 record.channel.sock.close()
@@ -362,17 +366,26 @@ class Primary(EventEmitter):
                 head_complete=self.head_complete,
                 on_overflow=self.on_overflow,
                 on_expired=self.on_expired,
+                wait=self.rr_wait,
             )
         return SharedHandle(key, sock)
 
     def _send_conn(
-        self, worker_id: int, key: str, token: int, conn: socket.socket, data: bytes = b""
+        self,
+        worker_id: int,
+        key: str,
+        token: int,
+        conn: socket.socket,
+        data: bytes = b"",
+        accepted: float = 0.0,
     ) -> bool:
         worker = self.workers.get(worker_id)
         record = self._records.get(worker_id)
         if worker is None or record is None or not record.channel.connected:
             return False
         body: dict[str, Any] = {"act": "newconn", "key": key, "seq": token}
+        if accepted:
+            body["at"] = accepted  # time.monotonic(): the worker tells how long it waited
         if data:
             # Bytes the primary already read from the connection. latin-1 maps
             # each byte to one code point: ASCII stays one byte in the JSON frame.
@@ -584,6 +597,25 @@ class Primary(EventEmitter):
             await self._idle.wait()
             # Let handlers of the last exit fork replacements before deciding.
             await asyncio.sleep(0)
+
+    async def pause_accepting(self, timeout: float) -> bool:
+        """Round robin: stop accepting, then wait up to ``timeout`` seconds
+        until every connection already accepted has been taken by a worker.
+
+        Called before the workers are disconnected for a graceful stop, so a
+        connection the primary accepted is served, not reset. True if the
+        handles drained in time. Shared handles (SCHED_NONE) have nothing to
+        pause: workers accept for themselves.
+        """
+        handles = [h for h in self._handles.values() if isinstance(h, RoundRobinHandle)]
+        for handle in handles:
+            handle.pause()
+        deadline = self.loop.time() + timeout
+        while not all(handle.drained or handle.closed for handle in handles):
+            if self.loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def run(self) -> None:
         """Run the loop until no worker is left alive."""

@@ -36,13 +36,22 @@ server injects whatever depends on it:
 pending, in flight): a child started with ``os.fork()`` must close them all,
 or a connection a worker finished stays open through its copy.
 
+Timing: the handle notes when it accepted each connection
+(``time.monotonic()``, one clock for every process on the machine). The
+time travels with the connection to the worker, which can tell how long it
+waited; ``queue_length`` is how many wait for a free worker now, and
+``wait`` (a ``WaitStats``, possibly shared by every handle of a primary)
+collects how long each one took from accept to being taken by a worker.
+
 Imports nothing from forkserve outside this package.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +60,37 @@ from typing import Any, Generic, TypeVar
 C = TypeVar("C")
 
 ACCEPT_BATCH = 64
+# Upper bounds in seconds of the queue wait histogram: waits are usually
+# well under a millisecond, and grow to seconds when every worker is busy.
+WAIT_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class WaitStats:
+    """How long connections waited, from accept to being taken by a worker.
+
+    ``counts[i]`` counts waits of at most ``bounds[i]`` seconds and more
+    than the bound before; the last entry counts the rest.
+    """
+
+    bounds: tuple[float, ...] = WAIT_BUCKETS
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0  # seconds, summed
+
+    def __post_init__(self) -> None:
+        if len(self.counts) != len(self.bounds) + 1:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
 
 
 @dataclass(slots=True)
@@ -163,8 +203,9 @@ class RoundRobinQueue(Generic[C]):
         return out
 
 
-# (worker_id, key, token, conn, data already read from conn) -> sent?
-SendConn = Callable[[int, str, int, socket.socket, bytes], bool]
+# (worker_id, key, token, conn, data already read from conn, monotonic time
+# it was accepted) -> sent?
+SendConn = Callable[[int, str, int, socket.socket, bytes, float], bool]
 HeadComplete = Callable[[bytes], bool | None]
 OnOverflow = Callable[[socket.socket], None]
 OnExpired = Callable[[socket.socket, bytes], None]
@@ -177,6 +218,7 @@ READ_CHUNK = 16384
 class _Watch:
     """A connection the primary holds until it is readable (or its head is in)."""
 
+    accepted: float = 0.0  # time.monotonic() at accept
     buffer: bytearray = field(default_factory=bytearray)
     timer: asyncio.TimerHandle | None = None
 
@@ -205,6 +247,7 @@ class RoundRobinHandle:
         head_complete: HeadComplete | None = None,
         on_overflow: OnOverflow | None = None,
         on_expired: OnExpired | None = None,
+        wait: WaitStats | None = None,
     ) -> None:
         self.key = key
         self.sock = sock
@@ -218,9 +261,18 @@ class RoundRobinHandle:
         self.watching: dict[socket.socket, _Watch] = {}
         # Bytes already read from a queued or in-flight connection: they go with it.
         self._data: dict[socket.socket, bytes] = {}
+        # When each connection held here was accepted (time.monotonic()).
+        self._accepted: dict[socket.socket, float] = {}
+        self.wait = wait if wait is not None else WaitStats()
         self._reading = False
         self.closed = False
+        self.paused = False
         sock.setblocking(False)
+
+    @property
+    def queue_length(self) -> int:
+        """Connections waiting for a free worker."""
+        return len(self.queue.pending)
 
     @property
     def _watches(self) -> bool:
@@ -253,6 +305,9 @@ class RoundRobinHandle:
         conn, assignments = self.queue.ack(worker_id, token, accepted)
         if conn is not None and accepted:
             self._data.pop(conn, None)
+            at = self._accepted.pop(conn, None)
+            if at is not None:
+                self.wait.observe(time.monotonic() - at)
             conn.close()
         self._dispatch(assignments)
         self._update_reading()
@@ -270,13 +325,14 @@ class RoundRobinHandle:
             except OSError:
                 # ECONNABORTED and friends: the client left before we took it.
                 continue
+            now = time.monotonic()
             if self._watches:
-                self._watch(conn)
+                self._watch(conn, now)
             else:
-                self._admit(conn, b"")
+                self._admit(conn, b"", now)
         self._update_reading()
 
-    def _admit(self, conn: socket.socket, data: bytes) -> None:
+    def _admit(self, conn: socket.socket, data: bytes, accepted: float) -> None:
         """Queue a connection, or hand it to ``on_overflow`` when the queue is full."""
         if self.queue.full and self.on_overflow is not None:
             try:
@@ -286,18 +342,19 @@ class RoundRobinHandle:
             return
         if data:
             self._data[conn] = data
+        self._accepted[conn] = accepted
         self._dispatch(self.queue.push(conn))
 
     # -- watching (wait_for_data, head_complete) ------------------------------------
 
-    def _watch(self, conn: socket.socket) -> None:
+    def _watch(self, conn: socket.socket, accepted: float) -> None:
         try:
             conn.setblocking(False)
             self.loop.add_reader(conn.fileno(), self._on_conn_readable, conn)
         except (OSError, ValueError):
             _close(conn)
             return
-        watch = _Watch()
+        watch = _Watch(accepted=accepted)
         if self.wait_for_data > 0:
             watch.timer = self.loop.call_later(self.wait_for_data, self._on_deadline, conn)
         self.watching[conn] = watch
@@ -352,7 +409,7 @@ class RoundRobinHandle:
         except OSError:
             _close(conn)
             return
-        self._admit(conn, bytes(watch.buffer))
+        self._admit(conn, bytes(watch.buffer), watch.accepted)
         self._update_reading()
 
     def _on_deadline(self, conn: socket.socket) -> None:
@@ -371,14 +428,31 @@ class RoundRobinHandle:
 
     def _dispatch(self, assignments: list[Assignment[socket.socket]]) -> None:
         for item in assignments:
-            data = self._data.get(item.conn, b"")
-            if not self._send_conn(item.worker_id, self.key, item.token, item.conn, data):
+            conn = item.conn
+            data = self._data.get(conn, b"")
+            accepted = self._accepted.get(conn, 0.0)
+            if not self._send_conn(item.worker_id, self.key, item.token, conn, data, accepted):
                 # The channel is gone; the worker's removal hands the conn out again.
                 continue
+
+    def pause(self) -> None:
+        """Stop accepting; connections already accepted are still handed out.
+
+        The listening socket stays open: its backlog waits for whoever else
+        accepts on it (a new primary after an upgrade), or is reset at close.
+        """
+        self.paused = True
+        self._update_reading()
+
+    @property
+    def drained(self) -> bool:
+        """Nothing accepted here is waiting: not for bytes, a worker or an ack."""
+        return not self.watching and not self.queue.held()
 
     def _update_reading(self) -> None:
         want = (
             not self.closed
+            and not self.paused
             and bool(self.queue.workers)
             and (not self.queue.full or self.on_overflow is not None)
         )
@@ -405,6 +479,7 @@ class RoundRobinHandle:
         for conn in self.queue.drain():
             conn.close()
         self._data.clear()
+        self._accepted.clear()
         self.sock.close()
 
     def fds(self) -> list[int]:

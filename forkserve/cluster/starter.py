@@ -9,7 +9,10 @@ event and guarantee holds whichever is used.
   the ``exec`` script as ``__main__`` with ``args``, through ``boot.py``.
 - ``ForkStarter(main)``: ``os.fork()`` and call ``main()`` in the child; the
   parent's loop, channels and handles are closed in the child first. Used by
-  the pre-fork server (copy-on-write, preloaded apps).
+  the pre-fork server.
+- ``TemplateStarter`` (``template.py``): workers are forked from a template
+  process rather than from the primary, then run ``main()`` as here
+  (``run_worker``). Used by the pre-fork server with a preloaded app.
 
 Imports nothing from forkserve outside this package.
 """
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Mapping
-from typing import IO, Any, Protocol
+from typing import IO, Any, NoReturn, Protocol
 
 from .worker_object import signal_name, signal_number
 
@@ -248,9 +251,8 @@ class ForkStarter:
                 os.close(pair[1])
                 parent_ends.append(os.fdopen(pair[0], "wb" if index == 0 else "rb"))
             return ChildProcess(pid, None, (parent_ends[0], parent_ends[1], parent_ends[2]))
-        code = 1
-        try:
-            reset_signals_after_fork()
+
+        def setup() -> None:
             close_in_child()
             if self.after_fork is not None:
                 self.after_fork()
@@ -268,33 +270,60 @@ class ForkStarter:
                     target = entry.fileno()
                 if target is not None:
                     os.dup2(target, index)
-            if settings.get("cwd"):
-                os.chdir(settings["cwd"])
-            if settings.get("gid") is not None:
-                os.setgid(settings["gid"])
-            if settings.get("uid") is not None:
-                os.setuid(settings["uid"])
-            from . import _become_worker  # the package's role switch
 
-            os.environ.update(env)
-            os.environ[CHANNEL_FD_ENV] = str(child_fd)
-            child = _become_worker()
-            result = self.main()
-            code = child.run_to_exit() if result is None else int(result)
-        except SystemExit as exc:
-            code = _exit_status(exc.code)
-        except KeyboardInterrupt:
-            code = 130
-            _die_of_sigint()
-        except BaseException:
-            traceback.print_exc()
-            code = 1
+        run_worker(self.main, setup, settings, env, child_fd)
+
+
+def run_worker(
+    main: Callable[[], int | None],
+    setup: Callable[[], None],
+    settings: Mapping[str, Any],
+    env: Mapping[str, str],
+    child_fd: int,
+    *,
+    replace_env: bool = False,
+) -> NoReturn:
+    """In a freshly forked worker: become a worker, run ``main()``, exit with its status.
+
+    ``setup()`` runs first, after the signal handlers are reset, to drop what
+    the parent owns. Then ``cwd``, ``gid`` and ``uid`` from ``settings`` apply;
+    ``env`` is added to the environment (or replaces it with
+    ``replace_env``), and the cluster switches to the worker role on the
+    channel ``child_fd``. Never returns.
+    """
+    code = 1
+    try:
+        reset_signals_after_fork()
+        setup()
+        if settings.get("cwd"):
+            os.chdir(settings["cwd"])
+        if settings.get("gid") is not None:
+            os.setgid(settings["gid"])
+        if settings.get("uid") is not None:
+            os.setuid(settings["uid"])
+        from . import _become_worker  # the package's role switch
+
+        if replace_env:
+            os.environ.clear()
+        os.environ.update(env)
+        os.environ[CHANNEL_FD_ENV] = str(child_fd)
+        child = _become_worker()
+        result = main()
+        code = child.run_to_exit() if result is None else int(result)
+    except SystemExit as exc:
+        code = _exit_status(exc.code)
+    except KeyboardInterrupt:
+        code = 130
+        _die_of_sigint()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
         finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+            os._exit(code)
 
 
 def _die_of_sigint() -> None:

@@ -20,6 +20,8 @@ from forkserve.errors import ResponseError
 # (RFC 9110 §5.5), which is what response splitting needs.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
+_TOKEN_BYTES = re.compile(_TOKEN.pattern.encode("ascii"))
+_BAD_VALUE_BYTES = re.compile(_BAD_VALUE.pattern.encode("ascii"))
 _STATUS = re.compile(r"([0-9]{3})(?: ([^\r\n\x00]*))?")
 
 _STATUS_LINES: dict[tuple[int, str], bytes] = {
@@ -60,6 +62,25 @@ class DateCache:
             self._second = second
             self._line = b"Date: %s\r\n" % formatdate(second, usegmt=True).encode("ascii")
         return self._line
+
+
+def check_header(name: str | bytes, value: str | bytes) -> None:
+    """Raise ResponseError unless ``name`` is a token (RFC 9110 §5.6.2) and
+    ``value`` holds no CR, LF or NUL (RFC 9110 §5.5); both str or both bytes."""
+    if isinstance(name, bytes) and isinstance(value, bytes):
+        name_ok = _TOKEN_BYTES.fullmatch(name) is not None
+        value_ok = _BAD_VALUE_BYTES.search(value) is None
+    elif isinstance(name, str) and isinstance(value, str):
+        name_ok = _TOKEN.fullmatch(name) is not None
+        value_ok = _BAD_VALUE.search(value) is None
+    else:
+        raise ResponseError(
+            f"invalid header ({name!r}, {value!r}): name and value must both be str or bytes"
+        )
+    if not name_ok:
+        raise ResponseError(f"invalid header name {name!r}")
+    if not value_ok:
+        raise ResponseError(f"invalid header value for {name!r}: CR, LF or NUL")
 
 
 def parse_status(status: object) -> tuple[int, bytes]:
@@ -154,10 +175,7 @@ def build_head(
             raise ResponseError(f"invalid header {item!r}: expected a (name, value) pair")
         if not isinstance(name, str) or not isinstance(value, str):
             raise ResponseError(f"invalid header {item!r}: name and value must be str")
-        if _TOKEN.fullmatch(name) is None:
-            raise ResponseError(f"invalid header name {name!r}")
-        if _BAD_VALUE.search(value) is not None:
-            raise ResponseError(f"invalid header value for {name!r}: CR, LF or NUL")
+        check_header(name, value)
         lname = name.lower()
         if lname in _HOP_BY_HOP:
             if lname == "connection" and "close" in value.lower():

@@ -72,6 +72,15 @@ class HTTPOptions:
     server_software: str = "forkserve"
     access_log: Callable[[AccessRecord], None] | None = None
     error_logger: logging.Logger | None = None
+    observer: RequestObserver | None = None
+
+
+class RequestObserver(Protocol):
+    """Told when each request starts and ends (the worker's scoreboard)."""
+
+    def begin(self, method: str, target: str, client: str) -> Any: ...
+
+    def end(self, token: Any, method: str, status: int) -> None: ...
 
 
 class _ClientGone(Exception):
@@ -119,6 +128,7 @@ class WSGIConnection:
         server: tuple[Any, ...] | str | None,
         extra_environ: dict[str, Any] | None = None,
         initial_data: bytes = b"",
+        queued_ms: float | None = None,
     ) -> None:
         self.transport = transport
         self.app = app
@@ -164,6 +174,12 @@ class WSGIConnection:
                 "wsgi.input_terminated": True,
             }
         )
+        if queued_ms is not None:
+            # How long the connection waited before a worker took it
+            # (``forkserve.queued_ms``, the access log's Q): the first
+            # request's wait; later requests on the connection waited nowhere.
+            base["forkserve.queued_ms"] = queued_ms
+        self._queued = queued_ms is not None
         self._base_environ = base
         self._reset_request()
 
@@ -478,11 +494,22 @@ class WSGIConnection:
         if request.content_length == 0 or (request.content_length is None and not request.chunked):
             self._continue_pending = False
         access_log = self.options.access_log
+        observer = self.options.observer
         started = time.time() if access_log is not None else 0.0
         clock = time.perf_counter() if access_log is not None else 0.0
         self.requests_served += 1
         environ = self._environ(request)
+        if self._queued:
+            self._queued = False
+            self._base_environ["forkserve.queued_ms"] = 0.0
+        if observer is not None:
+            method = request.method.decode("latin-1")
+            token = observer.begin(
+                method, request.target.decode("latin-1"), environ.get("REMOTE_ADDR", "")
+            )
         ok = self._run_app(environ)
+        if observer is not None:
+            observer.end(token, method, self._answered_status())
         if access_log is not None:
             self._log_access(access_log, environ, started, time.perf_counter() - clock)
         head = self._head
@@ -539,6 +566,11 @@ class WSGIConnection:
             self._send_error(status, message)
         return False
 
+    def _answered_status(self) -> int:
+        """The status answered to the current request (500 when none was)."""
+        head = self._head
+        return head.status if head is not None else (self._error_status or 500)
+
     def _request_line(self) -> str:
         request = self._request
         if request is None:
@@ -558,7 +590,7 @@ class WSGIConnection:
         request = self._request
         assert request is not None
         head = self._head
-        status = head.status if head is not None else (self._error_status or 500)
+        status = self._answered_status()
         response_headers = self._headers if head is not None and self._headers else []
         record = AccessRecord(
             method=request.method.decode("latin-1"),

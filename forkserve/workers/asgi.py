@@ -20,6 +20,11 @@ uvicorn's protocol only the bytes it has accepted. uvicorn's own access log
 is off: requests are logged through ``format_access`` like every other
 worker class, and counted for ``--max-requests``.
 
+What the application sends passes ``ResponseGuard`` before uvicorn: a
+response head with an invalid header is answered 500 instead (uvicorn would
+drop the connection unanswered), and while the primary drains
+(``--drain-delay``) every response carries ``Connection: close``.
+
 Stopping: SIGTERM, the cluster's ``'disconnect'`` or recycling start a
 graceful stop (stop accepting, close idle keep-alive connections, close open
 WebSockets with 1001, wait up to ``--graceful-timeout`` for requests in
@@ -31,13 +36,16 @@ This is the only module of forkserve that imports uvicorn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
 import socket
 import time
+import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
 from email.utils import formatdate
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -45,11 +53,13 @@ from uvicorn.server import ServerState
 
 from forkserve import cluster, log
 from forkserve.config import Config
-from forkserve.errors import AppImportError
+from forkserve.errors import AppImportError, ResponseError
 from forkserve.http.accesslog import AccessRecord
+from forkserve.http.response import check_header
+from forkserve.scoreboard import FLAG_CANCELS_OWN, Slot
 
 from .asgi_guard import GuardedConnection, GuardOptions
-from .base import LOG, WorkerBase
+from .base import LOG, WorkerBase, queued_ms
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -241,26 +251,36 @@ def request_hooks(
     root_path: str,
     pid: int,
     worker_id: int,
+    observer: Slot | None = None,
+    request_timeout: float = 0.0,
 ) -> ASGIApp:
-    """``app`` wrapped to log each HTTP request and call ``on_done`` after it."""
+    """``app`` wrapped to account for each HTTP request: the scoreboard, the
+    access log, ``on_done`` after it, and the --request-timeout deadline
+    (past it the request's task is logged with its stack and cancelled, and
+    the client gets a 503 if no response had started)."""
     prefix = root_path.encode("latin-1")
 
+    def target_of(scope: Scope) -> str:
+        raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8")
+        if prefix and raw.startswith(prefix):
+            raw = raw[len(prefix) :]
+        query = scope.get("query_string") or b""
+        return (raw + b"?" + query if query else raw).decode("latin-1")
+
     async def hooked(scope: Scope, receive: Receive, send: Send) -> None:
+        waited = take_queued(scope)
         if scope["type"] != "http":
             await app(scope, receive, send)
-            return
-        if access_log is None:
-            try:
-                await app(scope, receive, send)
-            finally:
-                if on_done is not None:
-                    on_done()
             return
         started = time.time()
         clock = time.perf_counter()
         status = 0
         headers: list[tuple[bytes, bytes]] = []
         sent = 0
+        method = scope["method"]
+        client = scope.get("client")
+        peer = str(client[0]) if client else ""
+        token = observer.begin(method, target_of(scope), peer) if observer is not None else None
 
         async def send_and_note(message: Message) -> None:
             nonlocal status, headers, sent
@@ -273,38 +293,246 @@ def request_hooks(
             await send(message)
 
         try:
-            await app(scope, receive, send_and_note)
+            if request_timeout <= 0:
+                await app(scope, receive, send_and_note)
+            elif not await run_with_deadline(
+                app(scope, receive, send_and_note),
+                request_timeout,
+                f"{method} {target_of(scope)}",
+                peer,
+            ):
+                if observer is not None:
+                    observer.count_timeout()
+                if not status:
+                    status = 503
+                    await send(TIMEOUT_START)
+                    await send(TIMEOUT_BODY)
         finally:
-            raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8")
-            if prefix and raw.startswith(prefix):
-                raw = raw[len(prefix) :]
-            query = scope.get("query_string") or b""
-            client = scope.get("client")
-            record = AccessRecord(
-                method=scope["method"],
-                target=(raw + b"?" + query if query else raw).decode("latin-1"),
-                http_version=scope.get("http_version", "1.1"),
-                # uvicorn answers 500 for an app that failed before starting a response.
-                status=status or 500,
-                bytes_sent=0 if scope["method"] == "HEAD" else sent,
-                request_headers=[
-                    (n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]
-                ],
-                response_headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
-                start_time=started,
-                duration=time.perf_counter() - clock,
-                client=str(client[0]) if client else "",
-                pid=pid,
-                worker_id=worker_id,
-            )
-            try:
-                access_log(record)
-            except Exception:
-                LOG.exception("cannot write the access log")
+            # uvicorn answers 500 for an app that failed before starting a response.
+            if token is not None:
+                assert observer is not None
+                observer.end(token, method, status or 500)
+            if access_log is not None:
+                record = AccessRecord(
+                    method=method,
+                    target=target_of(scope),
+                    http_version=scope.get("http_version", "1.1"),
+                    status=status or 500,
+                    bytes_sent=0 if method == "HEAD" else sent,
+                    request_headers=[
+                        (n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]
+                    ],
+                    response_headers=[
+                        (n.decode("latin-1"), v.decode("latin-1")) for n, v in headers
+                    ],
+                    start_time=started,
+                    duration=time.perf_counter() - clock,
+                    client=peer,
+                    pid=pid,
+                    worker_id=worker_id,
+                    queued_ms=waited,
+                )
+                try:
+                    access_log(record)
+                except Exception:
+                    LOG.exception("cannot write the access log")
             if on_done is not None:
                 on_done()
 
     return hooked
+
+
+# How long a connection waited in the primary (round robin), for the access
+# log's Q: the worker puts ``[milliseconds]`` in the app state of the
+# connection's protocol, which uvicorn copies into each scope's "state";
+# ``take_queued`` takes it out before the application sees the scope.
+QUEUED_KEY = "forkserve.queued_ms"
+
+
+def take_queued(scope: Scope) -> float | None:
+    """The connection's wait for its first request, 0.0 for later ones, None
+    when it did not pass through the primary; removed from ``scope``."""
+    state = scope.get("state")
+    if not state or QUEUED_KEY not in state:
+        return None
+    holder = state.pop(QUEUED_KEY)
+    waited, holder[0] = holder[0], 0.0
+    return float(waited)
+
+
+TIMEOUT_START: Message = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"18"),
+        (b"connection", b"close"),
+    ],
+}
+TIMEOUT_BODY: Message = {"type": "http.response.body", "body": b"request timed out\n"}
+
+
+def awaiting(task: asyncio.Future[Any]) -> list[tuple[FrameType, int]]:
+    """The frames of a suspended task's await chain, outermost first.
+
+    ``Task.get_stack()`` gives only the outermost frame of a suspended
+    coroutine; following ``cr_await`` finds where it actually waits.
+    """
+    frames: list[tuple[FrameType, int]] = []
+    current: Any = task.get_coro() if isinstance(task, asyncio.Task) else None
+    while current is not None and len(frames) < 100:
+        frame = getattr(current, "cr_frame", None) or getattr(current, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append((frame, frame.f_lineno))
+        current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None)
+    return frames
+
+
+async def run_with_deadline(call: Awaitable[None], limit: float, line: str, client: str) -> bool:
+    """Await ``call`` in a task of its own for at most ``limit`` seconds.
+
+    Past the deadline the task is logged with where it waits, cancelled, and
+    False returned; the app's own exceptions propagate as without a deadline.
+    """
+    inner = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({inner}, timeout=limit)
+    except asyncio.CancelledError:
+        inner.cancel()
+        raise
+    if done:
+        inner.result()
+        return True
+    stack = "".join(traceback.format_list(traceback.StackSummary.extract(awaiting(inner))))
+    LOG.error(
+        "request exceeded --request-timeout (%.1fs); cancelling it: %s from %s\n%s",
+        limit,
+        line.encode("unicode_escape").decode("ascii"),
+        client or "-",
+        stack.rstrip() or "  (no Python stack)",
+    )
+    inner.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await inner
+    return False
+
+
+# -- responses: header checks and draining -----------------------------------------
+
+
+CLOSE_HEADER = (b"connection", b"close")
+ERROR_BODY = b"Internal Server Error\n"
+
+
+# Header pairs already found valid: most responses repeat the same few, and a
+# set lookup costs less than the two regular expressions (bounded).
+_VALID_HEADERS: set[tuple[Any, Any]] = set()
+_VALID_HEADERS_MAX = 1024
+
+
+class ResponseGuard:
+    """What the application sends for HTTP is checked before uvicorn sees it.
+
+    ``wrap(app)`` is the application uvicorn calls. A response head with a
+    header name that is not a token, or a value holding CR, LF or NUL, never
+    reaches uvicorn (which would drop the connection unanswered): the client
+    gets a 500 that closes the connection, the error is logged once with the
+    request line, and the application's ``send`` raises ``ResponseError``;
+    what it sends after that is dropped. While ``closing`` (the primary's
+    --drain-delay) every response head carries ``Connection: close``, so
+    uvicorn closes each connection after its response. WebSocket and
+    lifespan scopes pass through untouched.
+    """
+
+    __slots__ = ("closing",)
+
+    def __init__(self) -> None:
+        self.closing = False
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        guard = self
+
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            refused: ResponseError | None = None
+
+            async def checked_send(message: Message) -> None:
+                nonlocal refused
+                if refused is not None:
+                    return
+                if message["type"] == "http.response.start":
+                    headers = message.get("headers") or ()
+                    if type(headers) is not list and type(headers) is not tuple:
+                        headers = list(headers)  # an iterator: read once, here
+                        message = {**message, "headers": headers}
+                    try:
+                        check_headers(headers)
+                    except (ResponseError, TypeError, ValueError) as exc:
+                        refused = (
+                            exc
+                            if isinstance(exc, ResponseError)
+                            else ResponseError(f"invalid headers: {exc}")
+                        )
+                        LOG.error("invalid response to %s: %s", request_line(scope), refused)
+                        await send_error(send)
+                        raise refused from None
+                    if guard.closing:
+                        message = {**message, "headers": closing_headers(headers)}
+                await send(message)
+
+            try:
+                await app(scope, receive, checked_send)
+            except ResponseError as exc:
+                if exc is not refused:
+                    raise  # the application's own: uvicorn logs it and answers 500
+
+        return guarded
+
+
+def check_headers(headers: Any) -> None:
+    """``check_header`` on every (name, value) pair; pairs seen valid are remembered."""
+    valid = _VALID_HEADERS
+    for item in headers:
+        if type(item) is tuple and item in valid:
+            continue
+        name, value = item
+        check_header(name, value)
+        if type(item) is tuple and len(valid) < _VALID_HEADERS_MAX:
+            valid.add(item)
+
+
+async def send_error(send: Send) -> None:
+    """A 500 that closes the connection, sent in place of a refused response."""
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(ERROR_BODY)),
+        CLOSE_HEADER,
+    ]
+    await send({"type": "http.response.start", "status": 500, "headers": headers})
+    await send({"type": "http.response.body", "body": ERROR_BODY})
+
+
+def closing_headers(headers: Any) -> list[Any]:
+    """``headers`` with any Connection header replaced by ``Connection: close``."""
+    kept = [
+        item
+        for item in headers
+        if not (isinstance(item[0], bytes) and item[0].lower() == b"connection")
+    ]
+    kept.append(CLOSE_HEADER)
+    return kept
+
+
+def request_line(scope: Scope) -> str:
+    """The request line of an HTTP scope, escaped for a log line."""
+    raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8")
+    query = scope.get("query_string") or b""
+    target = (raw + b"?" + query if query else raw).decode("latin-1")
+    line = f"{scope.get('method', '-')} {target} HTTP/{scope.get('http_version', '1.1')}"
+    return line.encode("unicode_escape").decode("ascii")
 
 
 # -- the worker -------------------------------------------------------------------
@@ -314,8 +542,14 @@ class ASGIWorker(WorkerBase):
     name = "asgi"
     multithread = False
 
-    def __init__(self, config: Config, app: Any, listeners: list[cluster.Listener]) -> None:
-        super().__init__(config, app, listeners)
+    def __init__(
+        self,
+        config: Config,
+        app: Any,
+        listeners: list[cluster.Listener],
+        slot: Slot | None = None,
+    ) -> None:
+        super().__init__(config, app, listeners, slot)
         loop_name = choose_backend("loop", config.loop, LOOPS)
         http_name = choose_backend("http", config.http, tuple(HTTP_PROTOCOLS))
         ws_name = choose_backend("ws", config.ws, tuple(WS_PROTOCOLS), none="none")
@@ -329,6 +563,7 @@ class ASGIWorker(WorkerBase):
             asyncio.set_event_loop(self.loop)
         self.lifespan = Lifespan(app, config.lifespan, repr(config.app or "the application"))
         self.state = ServerState()
+        self.responses = ResponseGuard()
         self.uvicorn_config = self._uvicorn_config()
         self.guard = GuardOptions(
             # The front end validates and frames; uvicorn decodes what it
@@ -357,8 +592,10 @@ class ASGIWorker(WorkerBase):
     def _uvicorn_config(self) -> uvicorn.Config:
         config = self.config
         access_log = self.access_logger()
-        app: ASGIApp = self.app
-        if access_log is not None or self.max_requests:
+        # Only the access log (Q) needs a connection's wait in the primary.
+        self.notes_queued = access_log is not None
+        app: ASGIApp = self.responses.wrap(self.app)
+        if access_log is not None or self.max_requests or self.slot or config.request_timeout:
             app = request_hooks(
                 app,
                 access_log,
@@ -366,7 +603,11 @@ class ASGIWorker(WorkerBase):
                 config.root_path,
                 self.pid,
                 self.worker_id,
+                self.slot,
+                config.request_timeout,
             )
+        if self.slot is not None:
+            self.slot.set_flags(FLAG_CANCELS_OWN)
         level = config.loglevel if config.loglevel != "info" else "warning"
         _route_uvicorn_logs()
         uv = uvicorn.Config(
@@ -407,7 +648,8 @@ class ASGIWorker(WorkerBase):
         loop.add_signal_handler(signal.SIGINT, self.begin_stop, True)
         loop.add_signal_handler(signal.SIGQUIT, self.begin_stop, True)
         loop.add_signal_handler(signal.SIGUSR1, log.reopen_log_files)
-        for name in ("SIGHUP", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
+        # SIGUSR2 is faulthandler's (stack dumps for the primary): see base.boot.
+        for name in ("SIGHUP", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     # -- serving ------------------------------------------------------------------
@@ -447,13 +689,17 @@ class ASGIWorker(WorkerBase):
         await self._shutdown()
         ticker.cancel()
 
-    def _make_protocol(self) -> asyncio.Protocol:
-        """uvicorn's protocol behind forkserve's strict front end (asgi_guard)."""
+    def _make_protocol(self, waited: float | None = None) -> asyncio.Protocol:
+        """uvicorn's protocol behind forkserve's strict front end (asgi_guard);
+        ``waited``: milliseconds the connection waited in the primary."""
         cls: Any = self.uvicorn_config.http_protocol_class
+        state = self.lifespan.state
+        if waited is not None:
+            state = {**state, QUEUED_KEY: [waited]}
         protocol: asyncio.Protocol = cls(
             config=self.uvicorn_config,
             server_state=self.state,
-            app_state=self.lifespan.state,
+            app_state=state,
             _loop=self.loop,
         )
         if self.config.asgi_guard == "off":
@@ -467,16 +713,17 @@ class ASGIWorker(WorkerBase):
                 conn, _ = await listener.accept_async()
             except OSError:
                 return
+            waited = queued_ms(listener, conn)
             # Not awaited: the connections already handed over are taken (and
             # acknowledged) at once, and a TLS handshake holds up no other.
-            task = self.loop.create_task(self._attach(conn))
+            task = self.loop.create_task(self._attach(conn, waited if self.notes_queued else None))
             self._attaching.add(task)
             task.add_done_callback(self._attaching.discard)
 
-    async def _attach(self, conn: socket.socket) -> None:
+    async def _attach(self, conn: socket.socket, waited: float | None = None) -> None:
         try:
             await self.loop.connect_accepted_socket(
-                self._make_protocol, sock=conn, ssl=self.ssl_context
+                lambda: self._make_protocol(waited), sock=conn, ssl=self.ssl_context
             )
         except (OSError, ConnectionError) as exc:
             LOG.debug("connection dropped before it was served: %s", exc)
@@ -486,6 +733,7 @@ class ASGIWorker(WorkerBase):
         """The Date header, refreshed every second (RFC 9110 §6.6.1)."""
         fixed = self.uvicorn_config.encoded_headers
         while True:
+            self.beat()
             now = time.time()
             date = formatdate(now, usegmt=True).encode("ascii")
             self.state.default_headers = [(b"date", date), *fixed]
@@ -497,6 +745,10 @@ class ASGIWorker(WorkerBase):
             self.begin_stop(False)
 
     # -- stopping -----------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        super().begin_drain()
+        self.responses.closing = True
 
     def begin_stop(self, fast: bool) -> None:
         """Stop serving: gracefully, or (``fast``) at once."""

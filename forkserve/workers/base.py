@@ -10,6 +10,8 @@ the class.
 Signals in a worker: TERM is a graceful stop (finish what is in flight,
 then leave deliberately), INT and QUIT a fast one, USR1 reopens log files.
 Handlers only set flags and poke a wakeup pipe the serve loop watches.
+The primary's ``DRAIN_MESSAGE`` (a cluster message, pumped by each class's
+serve loop) calls ``begin_drain()``.
 
 This is where the cluster and the HTTP layer meet; the classes in this
 package are the only modules that import both.
@@ -17,6 +19,7 @@ package are the only modules that import both.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import random
@@ -24,6 +27,7 @@ import signal
 import socket
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -36,11 +40,18 @@ from forkserve.errors import APP_LOAD_ERROR, WORKER_BOOT_ERROR, AppImportError, 
 from forkserve.http.accesslog import AccessRecord, format_access
 from forkserve.http.parser import ParserLimits
 from forkserve.http.wsgi import HTTPOptions
+from forkserve.scoreboard import Slot
 
 LOG = logging.getLogger("forkserve.worker")
 ACCESS_LOG = logging.getLogger("forkserve.access")
 
 BOOT_ERROR_MESSAGE = "forkserve:boot_error"
+RECYCLE_MESSAGE = "forkserve:recycle"
+# Primary -> worker: --drain-delay began; every response closes its connection.
+DRAIN_MESSAGE = "forkserve:drain"
+# How often a serve loop beats at least, while it runs (the primary's
+# --timeout watch reads the beats).
+HEARTBEAT_INTERVAL = 1.0
 
 
 class WorkerBase:
@@ -49,7 +60,13 @@ class WorkerBase:
     name = "base"
     multithread = False
 
-    def __init__(self, config: Config, app: Any, listeners: list[cluster.Listener]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        app: Any,
+        listeners: list[cluster.Listener],
+        slot: Slot | None = None,
+    ) -> None:
         self.config = config
         self.app = app
         self.listeners = listeners
@@ -60,6 +77,11 @@ class WorkerBase:
         self.fast_exit = False
         self.requests = 0
         self.max_requests = recycle_after(config.max_requests, config.max_requests_jitter)
+        self.recycle_asked = False
+        self.slot = slot
+        self.draining = False
+        if self.worker is not None:
+            self.worker.on("message", self._on_primary_message)
         self.ssl_context = make_ssl_context(config)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -73,7 +95,7 @@ class WorkerBase:
         signal.signal(signal.SIGINT, self._on_quit)
         signal.signal(signal.SIGQUIT, self._on_quit)
         signal.signal(signal.SIGUSR1, self._on_usr1)
-        for name in ("SIGHUP", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
+        for name in ("SIGHUP", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
@@ -124,6 +146,7 @@ class WorkerBase:
             multithread=self.multithread,
             multiprocess=True,
             access_log=self.access_logger(),
+            observer=self.slot,
         )
 
     def access_logger(self) -> Callable[[AccessRecord], None] | None:
@@ -153,16 +176,44 @@ class WorkerBase:
 
     # -- lifecycle ------------------------------------------------------------
 
+    def beat(self) -> None:
+        """Tell the primary this worker's serve loop is running."""
+        if self.slot is not None:
+            self.slot.beat()
+
     def count_request(self) -> None:
+        """One more request served; past --max-requests, ask the primary to recycle us.
+
+        The primary starts the replacement first and then disconnects this
+        worker, one recycling worker at a time; until then it keeps serving.
+        """
         self.requests += 1
-        if self.max_requests and self.requests >= self.max_requests and self.alive:
+        if not self.max_requests or self.requests < self.max_requests or self.recycle_asked:
+            return
+        self.recycle_asked = True
+        worker = self.worker
+        if worker is not None and worker.is_connected():
             LOG.info(
-                "worker %s (pid %s) served %s requests; recycling",
+                "worker %s (pid %s) served %s requests; asking to be recycled",
                 self.worker_id,
                 self.pid,
                 self.requests,
             )
-            self.alive = False
+            try:
+                worker.send({"type": RECYCLE_MESSAGE, "reason": "max-requests"})
+                return
+            except OSError:
+                pass
+        self.alive = False
+
+    def _on_primary_message(self, message: Any, handle: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == DRAIN_MESSAGE:
+            self.begin_drain()
+
+    def begin_drain(self) -> None:
+        """The primary drains (--drain-delay): from now on every response says
+        ``Connection: close`` and its connection closes after it; accepting goes on."""
+        self.draining = True
 
     def leave(self) -> None:
         """Stop accepting and tell the primary this exit is deliberate."""
@@ -183,6 +234,15 @@ class WorkerBase:
 
     def run(self) -> int:
         raise RuntimeError(f"worker class {self.name!r} does not implement run()")
+
+
+def queued_ms(listener: cluster.Listener, conn: socket.socket) -> float | None:
+    """Milliseconds ``conn`` waited in the primary before this worker took it
+    (round robin), or None when it did not pass through the primary."""
+    accepted = listener.take_accepted_at(conn)
+    if accepted is None:
+        return None
+    return max(0.0, (time.monotonic() - accepted) * 1000.0)
 
 
 def recycle_after(max_requests: int, jitter: int) -> int:
@@ -221,9 +281,31 @@ def app_spec(config: Config) -> str:
     return str(config.app)
 
 
-def boot(config: Config, app: Any, bind_fds: list[int], worker_class: str) -> int:
+def install_stack_dump(slot: Slot | None) -> None:
+    """SIGUSR2 writes every thread's Python stack to a file the primary reads.
+
+    faulthandler's handler runs at the C level, so it answers even when the
+    worker is stuck in C code or holds the GIL in a busy loop.
+    """
+    if slot is None:
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        return
+    fd, path = tempfile.mkstemp(prefix="forkserve-stacks-")
+    os.unlink(path)  # the primary reads it through /proc/<pid>/fd/<fd>
+    faulthandler.register(signal.SIGUSR2, file=fd, all_threads=True, chain=False)
+    slot.set_stack_fd(fd)
+
+
+def boot(
+    config: Config,
+    app: Any,
+    bind_fds: list[int],
+    worker_class: str,
+    slot: Slot | None = None,
+) -> int:
     """A worker process's main: load the app, get listeners, serve. Returns the exit code."""
     started = time.monotonic()
+    install_stack_dump(slot)
     if app is None:
         try:
             app = load_app(app_spec(config), factory=config.factory, pythonpath=config.pythonpath)
@@ -248,7 +330,7 @@ def boot(config: Config, app: Any, bind_fds: list[int], worker_class: str) -> in
     # first (an ASGI app's lifespan startup) runs in before_listen().
     listeners: list[cluster.Listener] = []
     try:
-        instance = cls(config, app, listeners)
+        instance = cls(config, app, listeners, slot)
     except (OSError, ssl.SSLError, ValueError) as exc:
         return report_boot_error(
             f"cannot start the {worker_class} worker: {exc}", WORKER_BOOT_ERROR

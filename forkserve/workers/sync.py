@@ -22,7 +22,7 @@ from typing import Any
 
 from forkserve.http.wsgi import WSGIConnection
 
-from .base import LOG, WorkerBase
+from .base import HEARTBEAT_INTERVAL, LOG, WorkerBase, queued_ms
 
 
 class SyncWorker(WorkerBase):
@@ -38,12 +38,14 @@ class SyncWorker(WorkerBase):
             listener.setblocking(False)
             selector.register(listener.fileno(), selectors.EVENT_READ, listener)
         selector.register(self.wakeup_fd, selectors.EVENT_READ, None)
+        beat = HEARTBEAT_INTERVAL if self.slot is not None else None
         try:
             while self.alive:
                 open_listeners = [item for item in self.listeners if not item.closed]
                 if not open_listeners:
                     break
-                for key, _ in selector.select():
+                self.beat()
+                for key, _ in selector.select(beat):
                     listener = key.data
                     if listener is None:
                         self.drain_wakeup()
@@ -62,6 +64,7 @@ class SyncWorker(WorkerBase):
                             continue
                         raise
                     self.serve_connection(conn, addr, listener, options, extra)
+                    self.beat()
         finally:
             selector.close()
         if not self.fast_exit:
@@ -92,11 +95,12 @@ class SyncWorker(WorkerBase):
                 server,
                 extra,
                 initial_data=listener.take_initial_data(conn),
+                queued_ms=queued_ms(listener, conn),
             )
 
             def pipelined() -> bool:
                 # Keep the connection only for requests the client already sent.
-                if not self.alive:
+                if not self.alive or self.draining:
                     return False
                 if connection.has_pending_data:
                     return True

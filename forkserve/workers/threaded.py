@@ -55,8 +55,9 @@ from typing import Any
 from forkserve import cluster
 from forkserve.config import Config, effective_threads
 from forkserve.http.wsgi import HTTPOptions, WSGIConnection
+from forkserve.scoreboard import Slot
 
-from .base import LOG, WorkerBase
+from .base import HEARTBEAT_INTERVAL, LOG, WorkerBase, queued_ms
 
 _READ = selectors.EVENT_READ
 # accept() failures that leave the listener usable: the client left first, or
@@ -75,12 +76,14 @@ class _Source(enum.Enum):
 class _Conn:
     """One client connection and, once served, its HTTP state."""
 
-    __slots__ = ("addr", "deadline", "initial", "server", "sock", "used", "wsgi")
+    __slots__ = ("addr", "deadline", "initial", "queued_ms", "server", "sock", "used", "wsgi")
 
     def __init__(self, sock: socket.socket, addr: Any, server: Any) -> None:
         self.sock = sock
         # Bytes the primary read before the hand-off (--buffer-request-head).
         self.initial = b""
+        # Milliseconds it waited in the primary (round robin), else None.
+        self.queued_ms: float | None = None
         self.addr = addr
         self.server = server
         self.wsgi: WSGIConnection | None = None
@@ -166,8 +169,14 @@ class ThreadedWorker(WorkerBase):
     name = "threaded"
     multithread = True
 
-    def __init__(self, config: Config, app: Any, listeners: list[cluster.Listener]) -> None:
-        super().__init__(config, app, listeners)
+    def __init__(
+        self,
+        config: Config,
+        app: Any,
+        listeners: list[cluster.Listener],
+        slot: Slot | None = None,
+    ) -> None:
+        super().__init__(config, app, listeners, slot)
         self.threads = effective_threads(config, "threaded")
         self.max_connections = int(config.worker_connections)
         self.keepalive = float(config.keepalive)
@@ -220,6 +229,7 @@ class ThreadedWorker(WorkerBase):
         while self.alive and any(not listener.closed for listener in self.listeners):
             self._update_watching()
             ready: list[cluster.Listener] = []
+            self.beat()
             for key, _ in selector.select(self._select_timeout()):
                 data = key.data
                 if data is _Source.WAKEUP:
@@ -237,6 +247,10 @@ class ThreadedWorker(WorkerBase):
             for listener in ready:
                 self._accept_from(listener)
 
+    def _not_draining(self) -> bool:
+        # Stopping too: a response announced keep-alive must not be followed by a close.
+        return not self.draining and not self.stopping
+
     def _shut_down(self) -> None:
         """Stop accepting, close idle connections, let requests in progress finish."""
         self.stopping = True
@@ -250,9 +264,6 @@ class ThreadedWorker(WorkerBase):
         for idle in (self._kept, self._fresh):
             while idle:
                 self._drop(next(iter(idle)))
-        for conn in list(self._active):
-            if conn.wsgi is not None:
-                conn.wsgi.close_after_response = True
         deadline = time.monotonic() + self.config.graceful_timeout
         while True:
             self._dispatch_waiting()
@@ -292,9 +303,11 @@ class ThreadedWorker(WorkerBase):
 
     def _select_timeout(self) -> float | None:
         deadlines = [next(iter(idle)).deadline for idle in (self._kept, self._fresh) if idle]
+        beat = HEARTBEAT_INTERVAL if self.slot is not None else None
         if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - time.monotonic())
+            return beat
+        wait = max(0.0, min(deadlines) - time.monotonic())
+        return wait if beat is None else min(wait, beat)
 
     # -- listeners and the cluster channel ------------------------------------
 
@@ -368,6 +381,7 @@ class ThreadedWorker(WorkerBase):
         sock.setblocking(True)
         conn = _Conn(sock, addr, server)
         conn.initial = listener.take_initial_data(sock)
+        conn.queued_ms = queued_ms(listener, sock)
         self._connections += 1
         if self._connections > self.max_connections:
             # Count what pool threads already finished (closed or kept) before
@@ -476,8 +490,12 @@ class ThreadedWorker(WorkerBase):
                     conn.server,
                     self._extra,
                     initial_data=conn.initial,
+                    queued_ms=conn.queued_ms,
                 )
                 conn.initial = b""
+                # Asked as each response head is built, so what the head says
+                # (keep-alive or close) is what happens to the connection.
+                wsgi.keep_alive_check = self._not_draining
             if self.stopping or self.keepalive <= 0:
                 wsgi.close_after_response = True
             while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -120,6 +121,10 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         record("begin")
         await asyncio.sleep(float(query or "0.5"))
         await respond(send, b"slept %d" % os.getpid())
+    elif path == "/block":
+        # Blocks the event loop itself (a bug the liveness watch must catch).
+        time.sleep(float(query or "1"))
+        await respond(send, b"blocked")
     elif path == "/echo-stream":
         await echo_stream(receive, send)
     elif path == "/drip":

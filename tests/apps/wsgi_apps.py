@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 StartResponse = Callable[..., Any]
+_HOARD: list[bytearray] = []
 
 
 def hello(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -28,6 +29,16 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
     elif path == "/sleep":
         time.sleep(float(environ.get("QUERY_STRING") or "0.5"))
         body = b"slept"
+    elif path == "/spin":
+        # Busy in Python (holding the GIL) for QUERY_STRING seconds.
+        until = time.monotonic() + float(environ.get("QUERY_STRING") or "1")
+        while time.monotonic() < until:
+            pass
+        body = b"spun"
+    elif path == "/grow":
+        # Keep QUERY_STRING more MiB alive in this worker, touched so they count in RSS.
+        _HOARD.append(bytearray(b"x" * (int(environ.get("QUERY_STRING") or "1") << 20)))
+        body = str(os.getpid()).encode()
     elif path == "/crash":
         os._exit(1)
     elif path == "/raise":

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent / "cluster_scripts"
 PYTHON = sys.executable
-STARTERS = ["exec", "fork"]
+STARTERS = ["exec", "fork", "template"]
 
 
 def base_env(starter: str = "exec", **extra: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -497,3 +498,45 @@ def test_asgi_guard_off_leaves_framing_to_uvicorn(serve) -> None:
         "asgi_apps:app", "-k", "asgi", "--limit-request-line", "100", "--asgi-guard", "off"
     )
     assert not lenient.request(raw).startswith(b"HTTP/1.1 414")
+
+
+# -- invalid response headers ----------------------------------------------------------
+
+BAD_HEADERS = [
+    ("value", "a\rInjected: 1"),
+    ("value", "a\nInjected: 1"),
+    ("value", "a\x00Injected: 1"),
+    ("name", "X-A Injected"),
+]
+
+
+@pytest.mark.parametrize(("sched", "http"), [("rr", "httptools"), ("none", "h11")])
+def test_invalid_response_headers_are_500_logged_once_and_never_sent(
+    serve, sched: str, http: str
+) -> None:
+    server = serve(
+        "asgi_headers:app", "-k", "asgi", "-w", "1", "--sched", sched, "--http", http, workers=1
+    )
+    pid = body_of(server.get("/pid"))
+    for where, value in BAD_HEADERS:
+        target = f"/bad-header?where={where}&value={quote(value, safe='')}"
+        with server.connect() as sock:
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            raw, closed = until_closed(sock)
+        assert statuses(raw) == [500], (where, value, raw)
+        assert b"Injected" not in raw and b"x-bad" not in raw.lower(), raw
+        assert b"should not be sent" not in raw and closed, raw
+        line = f"GET {target} HTTP/1.1"
+        wait_for(lambda line=line: line in server.output, 5)
+        assert server.output.count(line) == 1, server.output
+        assert body_of(server.get("/pid")) == pid, "the same worker serves on"
+    assert "Exception in ASGI application" not in server.output
+    assert server.output.count("invalid response to") == len(BAD_HEADERS)
+
+
+def test_sends_after_a_refused_response_are_dropped(serve) -> None:
+    server = serve("asgi_headers:app", "-k", "asgi", "-w", "1", workers=1)
+    value = quote("a\r\nInjected: 1", safe="")
+    raw = server.get(f"/after-refusal?value={value}")
+    assert statuses(raw) == [500] and b"sent after" not in raw and b"Injected" not in raw, raw
+    assert server.get("/").startswith(b"HTTP/1.1 200")

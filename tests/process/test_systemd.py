@@ -68,6 +68,14 @@ def get(port: int) -> bytes:
     return http_get("127.0.0.1", port, "/pid")
 
 
+def next_message(notify: socket.socket) -> str:
+    """The next notification that is not a periodic ``STATUS=`` update alone."""
+    while True:
+        message = notify.recv(4096).decode()
+        if not message.startswith("STATUS=") or "\n" in message:
+            return message
+
+
 @pytest.mark.parametrize("bind", [None, "fd://http"])
 def test_socket_activation_and_notify(tmp_path: Path, bind: str | None) -> None:
     listener = socket.socket()
@@ -83,10 +91,10 @@ def test_socket_activation_and_notify(tmp_path: Path, bind: str | None) -> None:
         assert "STATUS=2 workers serving" in message
         assert get(port).startswith(b"HTTP/1.1 200")
         os.kill(proc.pid, signal.SIGHUP)
-        assert notify.recv(4096).decode().startswith("RELOADING=1\nMONOTONIC_USEC=")
-        assert "READY=1" in notify.recv(4096).decode()
+        assert next_message(notify).startswith("RELOADING=1\nMONOTONIC_USEC=")
+        assert "READY=1" in next_message(notify)
         os.kill(proc.pid, signal.SIGTERM)
-        assert notify.recv(4096) == b"STOPPING=1"
+        assert next_message(notify) == "STOPPING=1"
         assert proc.wait(15) == 0
     finally:
         stop(proc)
@@ -125,6 +133,27 @@ def test_watchdog_pings(tmp_path: Path) -> None:
         while seen.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
             seen.extend(notify.recv(4096).decode().split("\n"))
         assert seen.count("WATCHDOG=1") >= 3
+    finally:
+        stop(proc)
+        notify.close()
+
+
+def test_status_reports_workers_and_requests_served(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    proc, notify = start_activated(tmp_path, listener, ["-w", "2"])
+    listener.close()
+    try:
+        assert "READY=1" in notify.recv(4096).decode()
+        for _ in range(5):
+            assert get(port).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 10
+        status = ""
+        while "5 requests" not in status and time.monotonic() < deadline:
+            status = notify.recv(4096).decode()
+        assert status == "STATUS=2 workers serving, 5 requests"
     finally:
         stop(proc)
         notify.close()

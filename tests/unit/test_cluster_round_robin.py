@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from forkserve.cluster.round_robin import RoundRobinHandle, RoundRobinQueue
+from forkserve.cluster.round_robin import RoundRobinHandle, RoundRobinQueue, WaitStats
 
 
 def owners(assignments):
@@ -249,6 +250,7 @@ class Rig:
         self.loop = FakeLoop()
         self.listening = FakeListening()
         self.sent: list[tuple[int, int, socket.socket, bytes]] = []
+        self.accepted: list[float] = []
         self.clients: list[socket.socket] = []
         self.handle = RoundRobinHandle(
             "k",
@@ -259,9 +261,16 @@ class Rig:
         )
 
     def send_conn(
-        self, worker_id: int, key: str, token: int, conn: socket.socket, data: bytes
+        self,
+        worker_id: int,
+        key: str,
+        token: int,
+        conn: socket.socket,
+        data: bytes,
+        accepted: float,
     ) -> bool:
         self.sent.append((worker_id, token, conn, data))
+        self.accepted.append(accepted)
         return True
 
     def connect(self) -> socket.socket:
@@ -478,3 +487,76 @@ def test_fds_lists_every_socket_the_primary_holds(rig_factory: Any) -> None:
     # One in flight, one pending, one still watched.
     fds = set(rig.handle.fds())
     assert fds == {1000} | {conn.fileno() for conn in watched}
+
+
+# -- timing: accept time travels with the connection; queue wait statistics ----------
+
+
+def test_wait_stats_buckets_are_upper_bounds() -> None:
+    stats = WaitStats()
+    for seconds in (0.0, 0.0001, 0.0002, 3.0, 99.0):
+        stats.observe(seconds)
+    assert stats.count == 5
+    assert stats.counts[0] == 2  # 0 and exactly the first bound
+    assert stats.counts[1] == 1
+    assert stats.counts[stats.bounds.index(5.0)] == 1
+    assert stats.counts[-1] == 1  # above every bound
+    assert stats.total == pytest.approx(102.0003)
+
+
+def test_accept_time_travels_with_the_connection_and_the_wait_is_counted(
+    rig_factory: Any,
+) -> None:
+    wait = WaitStats()
+    rig = rig_factory(wait=wait)
+    rig.handle.add(1)
+    before = time.monotonic()
+    rig.connect()
+    rig.connect()
+    assert rig.handle.queue_length == 1  # worker 1 is busy with the first
+    (accepted,) = rig.accepted
+    assert before <= accepted <= time.monotonic()
+    assert wait.count == 0  # handed over, not taken yet
+    token = rig.sent[0][1]
+    rig.handle.ack(1, token, accepted=True)
+    assert wait.count == 1 and rig.handle.queue_length == 0
+    assert rig.accepted[1] >= accepted  # the second went out on the ack
+
+
+def test_a_refused_connection_keeps_its_accept_time(rig_factory: Any) -> None:
+    rig = rig_factory()
+    rig.handle.add(1)
+    rig.connect()
+    _, token, conn, _ = rig.sent[0]
+    rig.handle.ack(1, token, accepted=False)
+    assert len(rig.sent) == 2 and rig.sent[1][2] is conn
+    assert rig.accepted[1] == rig.accepted[0]
+    assert rig.handle.wait.count == 0
+
+
+def test_a_watched_connection_counts_from_its_accept(rig_factory: Any) -> None:
+    rig = rig_factory(wait_for_data=5.0)
+    rig.handle.add(1)
+    client = rig.connect()
+    (conn,) = rig.watched()
+    before_data = time.monotonic()
+    client.sendall(b"GET")
+    rig.loop.ready(conn.fileno())
+    assert rig.accepted[0] <= before_data
+
+
+def test_the_listener_gives_the_accept_time_once() -> None:
+    from forkserve.cluster.listener import Listener
+
+    listener = Listener("rr", {"address": "127.0.0.1", "port": 0})
+    a, b = socket.socketpair()
+    try:
+        listener._deliver(b, 1, b"", 123.5)
+        conn, _ = listener.accept()
+        assert conn is b
+        assert listener.take_accepted_at(conn) == 123.5
+        assert listener.take_accepted_at(conn) is None
+    finally:
+        listener.close()
+        a.close()
+        b.close()

@@ -154,3 +154,25 @@ def test_import_resolution():
     names = imports_of(probe)
     assert "forkserve.cluster.address" in names
     assert "forkserve.cluster.events" in names
+
+
+LEAVES = ("control.py", "ctl.py", "metrics.py", "statsd.py", "sideband.py", "scoreboard.py")
+
+
+@pytest.mark.parametrize("name", LEAVES)
+def test_seeing_inside_modules_import_no_half(name: str) -> None:
+    """The control socket, its client, metrics and statsd know no cluster, HTTP,
+    worker or arbiter: the arbiter's ``monitor.py`` wires them."""
+    path = PACKAGE / name
+    if not path.exists():
+        return
+    names = real_modules(imports_of(path))
+    bad = {
+        n
+        for n in internal(names)
+        if any(
+            within(n, f"forkserve.{part}")
+            for part in ("cluster", "http", "workers", "arbiter", "monitor", "sockets")
+        )
+    }
+    assert not bad, f"{name} imports {sorted(bad)}"

@@ -17,6 +17,8 @@ def facts(**changes: object) -> ExitFacts:
         "running": 1,
         "wanted": 2,
         "recent_crashes": 1,
+        "reloading": False,
+        "started": False,
     }
     base.update(changes)
     return ExitFacts(**base)  # type: ignore[arg-type]
@@ -36,6 +38,36 @@ def test_repeated_crashes_back_off_with_a_cap() -> None:
 @pytest.mark.parametrize("code", [WORKER_BOOT_ERROR, APP_LOAD_ERROR])
 def test_a_worker_that_cannot_boot_stops_the_server(code: int) -> None:
     assert decide(facts(code=code, booted=False)).action is Action.HALT
+
+
+@pytest.mark.parametrize("code", [WORKER_BOOT_ERROR, APP_LOAD_ERROR])
+def test_a_new_worker_that_cannot_boot_during_a_reload_abandons_it(code: int) -> None:
+    decision = decide(facts(code=code, booted=False, reloading=True, started=True))
+    assert decision.action is Action.ABANDON_RELOAD
+
+
+@pytest.mark.parametrize("code", [WORKER_BOOT_ERROR, APP_LOAD_ERROR])
+def test_a_boot_failure_after_startup_is_retried_with_backoff(code: int) -> None:
+    first = decide(facts(code=code, booted=False, started=True))
+    assert first.action is Action.SPAWN and first.reason == "failed to boot"
+    again = decide(facts(code=code, booted=False, started=True, recent_crashes=4))
+    assert again.action is Action.SPAWN and again.delay == backoff(4) > 0
+
+
+def test_a_boot_failure_after_startup_with_a_full_pool_is_not_replaced() -> None:
+    decision = decide(facts(code=APP_LOAD_ERROR, booted=False, started=True, running=2))
+    assert decision.action is Action.NOTHING
+
+
+def test_a_reload_is_abandoned_only_for_a_boot_failure() -> None:
+    crashed = decide(facts(code=1, booted=False, reloading=True, started=True))
+    assert crashed.action is Action.SPAWN
+    told_to_leave = facts(
+        deliberate=True, code=APP_LOAD_ERROR, booted=False, reloading=True, running=2
+    )
+    assert decide(told_to_leave).action is Action.NOTHING
+    stopping = facts(code=APP_LOAD_ERROR, booted=False, reloading=True, stopping=True)
+    assert decide(stopping).action is Action.NOTHING
 
 
 def test_the_same_code_after_booting_is_a_crash() -> None:

@@ -3,7 +3,8 @@
 A scenario is ``start(worker_main, primary_main)``: the primary runs
 ``primary_main()``; a worker runs ``worker_main()``, either as the script
 started afresh (ExecStarter) or as the function a forked child calls
-(ForkStarter, chosen by ``CLUSTER_TEST_STARTER=fork``).
+(ForkStarter, chosen by ``CLUSTER_TEST_STARTER=fork``, or TemplateStarter, by
+``CLUSTER_TEST_STARTER=template``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,22 @@ def start(worker_main, primary_main, *, deadline: float = 30.0):
     if cluster.is_primary:
         if STARTER == "fork":
             cluster.primary.starter = cluster.ForkStarter(worker_main)
+        elif STARTER == "template":
+            use_template(worker_main)
         watchdog(float(os.environ.get("CLUSTER_TEST_DEADLINE", deadline)))
         primary_main()
     else:
         worker_main()
+
+
+def use_template(worker_main) -> None:
+    """Fork workers from a template process (TemplateStarter), ready before any fork."""
+    primary = cluster.primary
+    starter = cluster.TemplateStarter(worker_main, loop=primary.loop)
+    primary.starter = starter
+    template = starter.spawn_template(primary.close_inherited)
+    primary.loop.run_until_complete(template.ready())
+    starter.use(template)
 
 
 def watchdog(seconds: float) -> None:
