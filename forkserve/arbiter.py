@@ -843,7 +843,7 @@ class Arbiter:
         if self.stopping:
             LOG.info("SIGUSR2 ignored: stopping")
             return
-        self.upgrader.start(self.primary.loop, self.binds)
+        self.upgrader.start(self.primary.loop, self.binds, self.monitor.side_sockets())
 
     def handle_hup(self) -> None:
         """Reload the configuration and the app: new workers (from a new template with

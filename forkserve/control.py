@@ -294,6 +294,25 @@ class ControlServer:
             if line.strip():
                 await send_all(conn, _encode(await self.answer(line)), SEND_TIMEOUT)
 
+    def reclaim(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind the path again if another primary took it over and has left
+        (a failed or rolled-back upgrade); nothing if the path is still ours."""
+        with contextlib.suppress(OSError):
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == self._identity:
+                return
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self._identity = None
+        try:
+            self.bind()
+        except (BindError, OSError) as exc:
+            LOG.warning("control socket not restored: %s", exc)
+            return
+        self.start(loop)
+        LOG.info("control socket at %s again", self.path)
+
     def close_in_child(self) -> None:
         """In a process forked from the primary: close the inherited sockets."""
         if self._server is not None:

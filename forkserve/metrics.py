@@ -408,6 +408,11 @@ class MetricsServer:
         self.body_of = body_of
         self._server = SidebandServer(sock, self._serve, name="metrics", max_clients=MAX_CLIENTS)
 
+    @property
+    def sock(self) -> socket.socket:
+        """The listening socket (a new primary takes it over on SIGUSR2)."""
+        return self._server.sock
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._server.start(loop)
 

@@ -66,8 +66,17 @@ def open_metrics_socket(address: str) -> socket.socket:
     return sock
 
 
+METRICS_SIDE = "metrics"
+
+
 class Monitor:
     """The arbiter's control socket, metrics endpoint and statsd sender."""
+
+    def side_sockets(self) -> list[tuple[str, socket.socket]]:
+        """Listening sockets a new primary takes over on SIGUSR2."""
+        if self.metrics is None:
+            return []
+        return [(METRICS_SIDE, self.metrics.sock)]
 
     def __init__(self, arbiter: Arbiter) -> None:
         self.arbiter = arbiter
@@ -88,8 +97,15 @@ class Monitor:
                 # After SIGUSR2 the path moves from the old primary to this one.
                 self.control.bind(successor_of=self.arbiter.upgrader.from_pid)
             if config.metrics_bind:
-                sock = open_metrics_socket(config.metrics_bind)
+                # After SIGUSR2 the old primary's metrics socket is passed on.
+                sock = self.arbiter.upgrader.take_side_socket(METRICS_SIDE)
+                if sock is not None:
+                    sock.set_inheritable(False)
+                    sock.setblocking(False)
+                else:
+                    sock = open_metrics_socket(config.metrics_bind)
                 self.metrics = MetricsServer(sock, lambda: render(self.snapshot()))
+            self.arbiter.upgrader.close_side_sockets()
             if config.statsd_host:
                 self.statsd = StatsdSender(config.statsd_host, config.statsd_prefix)
         except BaseException:
@@ -98,6 +114,8 @@ class Monitor:
         if self.control is not None:
             self.control.start(loop)
             LOG.info("control socket at %s (forkserve ctl)", self.control.path)
+            control = self.control
+            self.arbiter.upgrader.on_child_exit = lambda: control.reclaim(loop)
         if self.metrics is not None:
             self.metrics.start(loop)
             LOG.info("metrics at http://%s/metrics", config.metrics_bind)

@@ -44,7 +44,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,8 @@ UPGRADE_NOTIFY_ENV = "FORKSERVE_UPGRADE_NOTIFY"
 # (LISTEN_PID would name the old primary anyway), and the watchdog follows
 # the main process.
 _NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+# Inherited sockets that are not binds (the metrics listener) carry this prefix.
+SIDE_PREFIX = "side:"
 OLDBIN_SUFFIX = ".oldbin"
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
@@ -96,7 +98,7 @@ class Inherited:
     address: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Handover:
     """What a primary started by SIGUSR2 learns from its environment."""
 
@@ -395,6 +397,8 @@ class Upgrader:
         self.pids: set[int] = set()  # children waited for here, not by the cluster
         self._loop: asyncio.AbstractEventLoop | None = None
         self._announced = False
+        # Called when a new primary started here has exited (failed or rolled back).
+        self.on_child_exit: Callable[[], None] | None = None
 
     @property
     def from_pid(self) -> int | None:
@@ -420,9 +424,36 @@ class Upgrader:
             handover.from_pid,
             len(handover.inherited),
         )
-        wanted = binds_for(binds, default, handover.inherited)
-        return adopt_binds(
-            wanted, handover.inherited, backlog=backlog, unix_mode=unix_mode, named=named
+        inherited = [i for i in handover.inherited if not i.name.startswith(SIDE_PREFIX)]
+        wanted = binds_for(binds, default, inherited)
+        return adopt_binds(wanted, inherited, backlog=backlog, unix_mode=unix_mode, named=named)
+
+    def take_side_socket(self, name: str) -> socket.socket | None:
+        """After an upgrade, the old primary's listening socket ``name`` (see
+        ``start(side=...)``), or None; taken once."""
+        handover = self.handover
+        if handover is None:
+            return None
+        for item in handover.inherited:
+            if item.name == SIDE_PREFIX + name:
+                handover.inherited = tuple(i for i in handover.inherited if i is not item)
+                try:
+                    return socket.socket(fileno=item.fd)
+                except OSError:
+                    return None
+        return None
+
+    def close_side_sockets(self) -> None:
+        """Close inherited side sockets nobody took."""
+        handover = self.handover
+        if handover is None:
+            return
+        for item in handover.inherited:
+            if item.name.startswith(SIDE_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.close(item.fd)
+        handover.inherited = tuple(
+            i for i in handover.inherited if not i.name.startswith(SIDE_PREFIX)
         )
 
     def ready(self, status: str) -> None:
@@ -454,8 +485,14 @@ class Upgrader:
 
     # -- the old primary ---------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop, binds: Sequence[BoundSocket]) -> None:
-        """Start a new primary on ``binds``; errors are logged, this one serves on."""
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        binds: Sequence[BoundSocket],
+        side: Sequence[tuple[str, socket.socket]] = (),
+    ) -> None:
+        """Start a new primary on ``binds`` (and the ``side`` sockets, by name,
+        such as the metrics listener); errors are logged, this one serves on."""
         if self.child is not None:
             LOG.info(
                 "SIGUSR2 ignored: an upgrade is in progress (new primary pid %s)",
@@ -477,11 +514,12 @@ class Upgrader:
         process: subprocess.Popen[bytes] | None = None
         try:
             notify, address = open_notify_socket()
-            fds = [bound.fileno() for bound in binds]
+            fds = [bound.fileno() for bound in binds] + [sock.fileno() for _, sock in side]
             env = child_environ(
                 os.environ,
                 from_pid=pid,
-                inherited=[(bound.fileno(), bound.name) for bound in binds],
+                inherited=[(bound.fileno(), bound.name) for bound in binds]
+                + [(sock.fileno(), SIDE_PREFIX + name) for name, sock in side],
                 notify=address,
             )
             process = subprocess.Popen(
@@ -554,6 +592,8 @@ class Upgrader:
             )
         else:
             LOG.error("upgrade failed: the new primary exited with %s; still serving", how)
+        if self.on_child_exit is not None:
+            self.on_child_exit()
 
     def handed_over(self) -> bool:
         """True once a new primary started here serves (so this one's stop is not the service's)."""

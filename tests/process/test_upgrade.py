@@ -8,6 +8,7 @@ both. Every wait has a deadline.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Server
-from tests.helpers import APPS, ROOT, answers_200, http_get, pid_alive, wait_for
+from tests.helpers import APPS, ROOT, answers_200, free_port, http_get, pid_alive, wait_for
 from tests.load import Load
 
 pytestmark = pytest.mark.timeout(60)
@@ -195,3 +196,43 @@ def test_socket_activation_and_daemon_upgrade(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
+
+
+def test_metrics_and_control_socket_follow_an_upgrade_and_come_back_after_a_rollback(
+    serve, tmp_path: Path
+) -> None:
+    metrics_port = free_port()
+    pidfile = tmp_path / "fs.pid"
+    control = tmp_path / "fs.ctl"
+    server = serve(
+        "wsgi_apps:app",
+        "-w",
+        "1",
+        "--pid",
+        str(pidfile),
+        "--metrics-bind",
+        f"127.0.0.1:{metrics_port}",
+        workers=1,
+    )
+
+    def metrics_up() -> bool:
+        return http_get("127.0.0.1", metrics_port, "/metrics").startswith(b"HTTP/1.1 200")
+
+    assert metrics_up() and control.exists()
+    # The new primary takes the metrics socket over (no "address in use") and the ctl path.
+    first = upgrade(server, pidfile)
+    assert "address already in use" not in server.output
+    assert metrics_up()
+    # Rolled back: the old primary has its control socket again.
+    os.kill(first, signal.SIGTERM)
+    wait_for(lambda: "upgrade rolled back" in server.output, 15)
+    wait_for(control.exists, 10)
+    ctl = subprocess.run(
+        [sys.executable, "-m", "forkserve", "ctl", "--socket", str(control), "--json", "status"],
+        capture_output=True,
+        timeout=30,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert ctl.returncode == 0, ctl.stderr
+    assert json.loads(ctl.stdout)["result"]["pid"] == server.pid
+    assert metrics_up()
