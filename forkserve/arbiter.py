@@ -43,12 +43,20 @@ from forkserve.config import Config
 from forkserve.errors import ConfigError, ForkserveError
 from forkserve.http.response import DateCache, error_response
 from forkserve.monitor import Monitor
+from forkserve.process import (
+    daemonize,
+    has_terminal,
+    remove_pidfile,
+    set_title,
+    write_pidfile,
+    zombie_children,
+)
 from forkserve.reconfigure import fixed_settings, reconfigure
 from forkserve.reloader import Reloader, reload_roots
 from forkserve.restart import Action, ExitFacts, decide
-from forkserve.scoreboard import SLOT_ENV, Counts, Scoreboard, SlotView, slot_from_environ
+from forkserve.scoreboard import SLOT_ENV
 from forkserve.sockets import BoundSocket, describe
-from forkserve.supervision import SILENT, Finding, Limits, Watch, assess, rss_of
+from forkserve.supervisor import Supervisor
 from forkserve.workers.base import (
     BOOT_ERROR_MESSAGE,
     DRAIN_MESSAGE,
@@ -79,10 +87,6 @@ DEFAULT_SCHED = "none"
 # The most the primary buffers of a request head (--buffer-request-head); the
 # worker reads any rest from the socket itself.
 HEAD_BUFFER_MAX = 65536
-# How often the primary reads the scoreboard (liveness, deadlines, memory).
-SUPERVISE_INTERVAL = 1.0
-# How long a stack dump may take to appear after SIGUSR2.
-STACK_DUMP_WAIT = 1.0
 
 
 class Arbiter:
@@ -129,17 +133,8 @@ class Arbiter:
         self._pidfile_written = False
         self.attached_to_terminal = False
         self.bind_fds: list[int] = []
-        self.scoreboard: Scoreboard | None = None
-        self.slots: dict[int, int] = {}  # worker id -> scoreboard slot
-        self.watches: dict[int, Watch] = {}
-        self.retired = Counts()  # what workers that have exited served
-        self.restarts: dict[str, int] = {}  # cause -> workers replaced for it
-        self.exit_causes: dict[int, str] = {}  # worker id -> why it was made to leave
-        self.recycle_queue: deque[tuple[cluster.Worker, str]] = deque()
-        self.recycling: cluster.Worker | None = None
-        self.started_at_wall = time.time()
+        self.supervisor = Supervisor(self)
         self._tasks: set[asyncio.Future[None]] = set()
-        self._last_status = ""
         self.monitor = Monitor(self)
 
     # -- start ----------------------------------------------------------------
@@ -154,7 +149,7 @@ class Arbiter:
         if config.chdir:
             os.chdir(config.chdir)
         self._call_hook("on_starting", self)
-        self.attached_to_terminal = not config.daemon and _has_terminal()
+        self.attached_to_terminal = not config.daemon and has_terminal()
         activated = systemd.listen_fds()
         binds = list(config.bind)
         if activated and config.sources.get("bind") == "default":
@@ -172,20 +167,21 @@ class Arbiter:
             # A primary started by SIGUSR2 is already detached: its parent is the daemon.
             daemonize()
         try:
-            self._write_pidfile()
+            self._pidfile_written = write_pidfile(self.config.pidfile, self.upgrader.from_pid)
             set_title(f"forkserve: primary [{config.proc_name or config.app}]")
             return self._serve()
         finally:
             shared = self.upgrader.shares_sockets()
             for bound in self.binds:
                 bound.close(unlink=not shared)
-            self._remove_pidfile()
+            if self._pidfile_written:
+                remove_pidfile(self.config.pidfile)
             self.upgrader.close()
             self._call_hook("on_exit", self)
 
     def _serve(self) -> int:
         # Before anything forks: every process forked later inherits the region.
-        self.scoreboard = Scoreboard(max(64, 8 * self.num_workers))
+        self.supervisor.open(self.num_workers)
         loop = asyncio.new_event_loop()
         starter: cluster.ForkStarter | cluster.TemplateStarter
         starter = cluster.ForkStarter(self._worker_main, self._after_fork)
@@ -244,7 +240,7 @@ class Arbiter:
         interval = systemd.watchdog_interval()
         if interval:
             self._watchdog(loop, interval)
-        loop.call_later(SUPERVISE_INTERVAL, self._supervise)
+        self.supervisor.start(loop)
         if self.config.reload:
             self.start_reloader(loop)
         while True:
@@ -334,15 +330,11 @@ class Arbiter:
         if self.starter is not None and (self.template is None or not self.template.is_ready):
             self.waiting_for_template += 1  # spawned once a template is ready
             return None
-        assert self.scoreboard is not None
-        slot = self.scoreboard.allocate()
-        if slot is None:
-            LOG.warning("no scoreboard slot left: the new worker will not be supervised")
+        slot = self.supervisor.allocate()
         try:
             worker = self.primary.fork({SLOT_ENV: slot} if slot is not None else None)
         except cluster.TemplateError as error:
-            if slot is not None:
-                self.scoreboard.release(slot)
+            self.supervisor.release(slot)
             LOG.warning("cannot start a worker: %s; it starts with the next template", error)
             self.waiting_for_template += 1
             return None
@@ -350,9 +342,7 @@ class Arbiter:
             self.worker_templates[worker.id] = self.template
         if self.reloading:
             self.reload_pending.add(worker.id)
-        if slot is not None:
-            self.slots[worker.id] = slot
-        self.watches[worker.id] = Watch()
+        self.supervisor.started(worker, slot)
         self.started_at[worker.id] = time.monotonic()
         self.listening[worker.id] = 0
         self._call_hook("post_fork", self, worker)
@@ -372,7 +362,7 @@ class Arbiter:
             self.app,
             self.bind_fds,
             self.config.worker_class,
-            slot_from_environ(self.scoreboard),
+            self.supervisor.slot_in_worker(),
         )
 
     def _after_fork(self) -> None:
@@ -428,7 +418,7 @@ class Arbiter:
         while self.retiring:
             old = self.retiring.popleft()
             if old.is_connected() and not old.is_dead():
-                self.exit_causes.setdefault(old.id, "reload")
+                self.supervisor.retiring(old, "reload")
                 old.disconnect()
                 self._kill_later(old, self.config.graceful_timeout + 5.0)
                 return
@@ -451,7 +441,7 @@ class Arbiter:
 
     def _on_message(self, worker: cluster.Worker, message: Any, handle: Any) -> None:
         if isinstance(message, dict) and message.get("type") == RECYCLE_MESSAGE:
-            self.recycle(worker, str(message.get("reason") or "asked"))
+            self.supervisor.recycle(worker, str(message.get("reason") or "asked"))
             return
         is_boot_error = isinstance(message, dict) and message.get("type") == BOOT_ERROR_MESSAGE
         if is_boot_error and not self.boot_error_logged:
@@ -460,17 +450,7 @@ class Arbiter:
 
     def _on_exit(self, worker: cluster.Worker, code: int | None, signame: str | None) -> None:
         self._call_hook("worker_exit", self, worker)
-        self._release_slot(worker.id)
-        self.watches.pop(worker.id, None)
-        cause = self.exit_causes.pop(worker.id, None)
-        if cause is None and not worker.exited_after_disconnect and not self.stopping:
-            cause = "crash"
-        if cause is not None:
-            self.restarts[cause] = self.restarts.get(cause, 0) + 1
-        if worker is self.recycling:
-            self.recycling = None
-            assert self.primary is not None
-            self.primary.loop.call_soon(self._recycle_next)
+        self.supervisor.exited(worker)
         started = self.started_at.pop(worker.id, time.monotonic())
         booted = worker.id in self.booted
         self.booted.discard(worker.id)
@@ -554,221 +534,10 @@ class Arbiter:
         else:
             self.primary.loop.call_later(delay, spawn)
 
-    # -- supervision -------------------------------------------------------------
-
-    def _release_slot(self, worker_id: int) -> None:
-        """Fold an exited worker's counts into the retired totals; free its slot."""
-        slot = self.slots.pop(worker_id, None)
-        if slot is None or self.scoreboard is None:
-            return
-        self.retired.add(self.scoreboard.read(slot).counts)
-        self.scoreboard.release(slot)
-
-    def read_slot(self, worker: cluster.Worker) -> SlotView | None:
-        slot = self.slots.get(worker.id)
-        if slot is None or self.scoreboard is None:
-            return None
-        return self.scoreboard.read(slot)
-
-    def limits(self) -> Limits:
-        config = self.config
-        return Limits(
-            timeout=float(config.timeout),
-            request_timeout=float(config.request_timeout),
-            max_memory=int(config.max_worker_memory),
-            max_lifetime=float(config.max_worker_lifetime),
-        )
-
-    def _supervise(self) -> None:
-        """Read every ready worker's slot and act on what ``assess`` finds."""
-        assert self.primary is not None
-        loop = self.primary.loop
-        if self.stopping:
-            return
-        loop.call_later(SUPERVISE_INTERVAL, self._supervise)
-        limits = self.limits()
-        now = time.monotonic()
-        total = 0
-        for worker in self.primary.live_workers():
-            view = self.read_slot(worker)
-            watch = self.watches.get(worker.id)
-            if view is None or watch is None or worker.is_dead():
-                continue
-            total += view.counts.requests
-            if worker.id not in self.booted or worker.exited_after_disconnect:
-                continue  # booting or leaving: --graceful-timeout and _kill_later apply
-            age = now - self.started_at.get(worker.id, now)
-            rss = rss_of(worker.process.pid) if limits.max_memory else None
-            for finding in assess(watch, view, rss, age, now, limits):
-                self._act(worker, watch, finding)
-        status = f"{len(self.booted)} workers serving, {total + self.retired.requests} requests"
-        if status != self._last_status:
-            self._last_status = status
-            systemd.status(status)
-
-    def _act(self, worker: cluster.Worker, watch: Watch, finding: Finding) -> None:
-        pid = worker.process.pid
-        request = finding.request
-        doing = (
-            f"; in flight: {request.line} from {request.client or '-'} for {request.age:.1f}s"
-            if request is not None
-            else "; no request in flight"
-        )
-        if finding.kill:
-            LOG.error("worker %s (pid %s): %s%s; killing it", worker.id, pid, finding.detail, doing)
-            self.exit_causes[worker.id] = SILENT
-            self._background(self._dump_then_kill(worker))
-            return
-        if request is not None:
-            LOG.error(
-                "worker %s (pid %s): %s: %s from %s",
-                worker.id,
-                pid,
-                finding.detail,
-                request.line,
-                request.client or "-",
-            )
-            if self.scoreboard is not None and worker.id in self.slots:
-                self.scoreboard.count_timeout(self.slots[worker.id])
-            self._background(self._log_stack(worker, "at the request timeout"))
-        if finding.recycle and not watch.recycling:
-            watch.recycling = True
-            self.recycle(worker, finding.kind, finding.detail if request is None else "")
-
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _dump_then_kill(self, worker: cluster.Worker) -> None:
-        await self._log_stack(worker, "before it was killed")
-        if not worker.is_dead():
-            worker.process.kill(signal.SIGKILL)
-
-    async def _log_stack(self, worker: cluster.Worker, when: str) -> None:
-        stack = await self.stack_of(worker)
-        LOG.error(
-            "stack of worker %s (pid %s) %s:\n%s",
-            worker.id,
-            worker.process.pid,
-            when,
-            stack.rstrip() or "  (no stack: the worker did not answer SIGUSR2)",
-        )
-
-    async def stack_of(self, worker: cluster.Worker) -> str:
-        """Every thread's Python stack in ``worker`` (faulthandler, on SIGUSR2)."""
-        view = self.read_slot(worker)
-        if view is None or view.stack_fd <= 0 or worker.is_dead():
-            return ""
-        path = f"/proc/{worker.process.pid}/fd/{view.stack_fd}"
-        try:
-            before = os.stat(path).st_size
-            worker.process.kill(signal.SIGUSR2)
-        except OSError:
-            return ""
-        deadline = time.monotonic() + STACK_DUMP_WAIT
-        size = before
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-            try:
-                now_size = os.stat(path).st_size
-            except OSError:
-                return ""
-            if now_size > before and now_size == size:
-                break  # written, and no longer growing
-            size = now_size
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(before)
-                return handle.read(size - before).decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    # -- what the primary can tell ---------------------------------------------------
-
-    def worker_state(self, worker: cluster.Worker) -> str:
-        if worker.is_dead():
-            return "dead"
-        if worker.exited_after_disconnect or not worker.is_connected():
-            return "leaving"
-        if worker.id not in self.booted:
-            return "booting"
-        if worker is self.recycling or worker in self.retiring:
-            return "retiring"
-        return "serving"
-
-    def status(self) -> dict[str, Any]:
-        """Everything ``forkserve ctl status`` shows, as JSON-ready data."""
-        assert self.primary is not None
-        now = time.monotonic()
-        workers = []
-        for worker in sorted(self.primary.live_workers(), key=lambda w: w.id):
-            view = self.read_slot(worker)
-            pid = worker.process.pid
-            workers.append(
-                {
-                    "id": worker.id,
-                    "pid": pid,
-                    "state": self.worker_state(worker),
-                    "uptime": round(now - self.started_at.get(worker.id, now), 3),
-                    "rss": rss_of(pid),
-                    "requests": view.counts.requests if view else None,
-                    "in_flight": view.in_flight if view else None,
-                    "heartbeat_age": round(view.silent_for, 3) if view else None,
-                    "requests_in_flight": [
-                        {"line": r.line, "client": r.client, "age": round(r.age, 3)}
-                        for r in (view.requests if view else [])
-                    ],
-                }
-            )
-        return {
-            "pid": os.getpid(),
-            "version": __version__,
-            "app": self.config.app,
-            "worker_class": self.config.worker_class,
-            "sched": "rr" if self.primary.scheduling_policy == cluster.SCHED_RR else "none",
-            "listeners": [describe(bound) for bound in self.binds],
-            "workers_wanted": self.num_workers,
-            "uptime": round(time.time() - self.started_at_wall, 3),
-            "requests": self.totals().requests,
-            "restarts": dict(self.restarts),
-            "workers": workers,
-        }
-
-    def totals(self) -> Counts:
-        """Requests counted over every worker, the exited ones included."""
-        assert self.primary is not None
-        total = Counts()
-        total.add(self.retired)
-        for worker in self.primary.live_workers():
-            view = self.read_slot(worker)
-            if view is not None:
-                total.add(view.counts)
-        return total
-
-    def recycle(self, worker: cluster.Worker, reason: str, detail: str = "") -> None:
-        """Queue ``worker`` for replacement; one worker recycles at a time."""
-        if any(queued is worker for queued, _ in self.recycle_queue) or worker is self.recycling:
-            return
-        if detail:
-            LOG.info("worker %s (pid %s): %s", worker.id, worker.process.pid, detail)
-        self.recycle_queue.append((worker, reason))
-        self._recycle_next()
-
-    def _recycle_next(self) -> None:
-        """Start the next recycling: the replacement first, the old one leaves when it is ready."""
-        if self.stopping or self.reloading or self.recycling is not None:
-            return
-        while self.recycle_queue:
-            worker, reason = self.recycle_queue.popleft()
-            if worker.is_dead() or worker.exited_after_disconnect or not worker.is_connected():
-                continue
-            LOG.info("recycling worker %s (pid %s): %s", worker.id, worker.process.pid, reason)
-            self.recycling = worker
-            self.exit_causes[worker.id] = reason
-            self.retiring.append(worker)
-            self.spawn_worker()
-            return
 
     def _enqueue(self, name: str) -> None:
         if self._queue is not None:
@@ -965,7 +734,7 @@ class Arbiter:
         LOG.info("reload complete: %s workers serving", self.num_workers)
         systemd.ready(f"reloaded: {len(self.booted)} workers serving")
         self._close_idle_templates()
-        self._recycle_next()
+        self.supervisor.recycle_next()
 
     def abandon_reload(self, reason: str) -> None:
         """The reload failed: its workers not yet ready leave, the old ones serve on
@@ -995,7 +764,7 @@ class Arbiter:
                     self.start_template(reload=False)
         systemd.ready(f"reload abandoned: {len(self.booted)} workers serving")
         self._close_idle_templates()
-        self._recycle_next()
+        self.supervisor.recycle_next()
 
     # -- the template (--preload) -------------------------------------------------------
 
@@ -1039,7 +808,7 @@ class Arbiter:
         template = self._spawn_template()
         self.next_template = template
         LOG.info("template (pid %s) is loading the application", template.pid)
-        self._background(self._when_template_ready(template, reload))
+        self.background(self._when_template_ready(template, reload))
 
     async def _when_template_ready(self, template: cluster.Template, reload: bool) -> None:
         try:
@@ -1246,107 +1015,9 @@ class Arbiter:
         except Exception:
             LOG.exception("error in the %s hook", name)
 
-    def _write_pidfile(self) -> None:
-        path = self.config.pidfile
-        if not path:
-            return
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            with open(path) as handle:
-                old = int(handle.read().strip() or 0)
-            mine = (os.getpid(), self.upgrader.from_pid)  # the old primary moves aside
-            if old and old not in mine and _alive(old):
-                from forkserve.errors import ConfigError
-
-                raise ConfigError(
-                    f"pidfile {path}: process {old} is running; is forkserve already started?"
-                )
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as handle:
-            handle.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)
-        self._pidfile_written = True
-
-    def _remove_pidfile(self) -> None:
-        if self._pidfile_written and self.config.pidfile:
-            with contextlib.suppress(OSError), open(self.config.pidfile) as handle:
-                if int(handle.read().strip() or 0) == os.getpid():
-                    os.unlink(self.config.pidfile)
-
 
 def _ignore_send_error(exc: BaseException | None) -> None:
     """A worker gone before a message reached it: its exit is handled apart."""
-
-
-def _has_terminal() -> bool:
-    try:
-        os.tcgetpgrp(sys.stdin.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return True
-
-
-def daemonize() -> None:
-    """Detach: fork twice, start a new session, point stdio at /dev/null.
-
-    The command returns at once with status 0; the server runs on in the
-    grandchild, whose pid goes to ``--pid``.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
-
-
-def zombie_children(parent: int) -> list[int]:
-    """Pids of exited, unreaped children of ``parent`` (from /proc).
-
-    The kernel's list of ``parent``'s children is read when it has one (it
-    runs on every SIGCHLD: a scan of every process would cost a
-    millisecond per hundred processes), else every process is looked at.
-    """
-    try:
-        entries = [
-            child
-            for task in os.listdir(f"/proc/{parent}/task")
-            for child in _read(f"/proc/{parent}/task/{task}/children").split()
-        ]
-    except OSError:
-        entries = os.listdir("/proc")
-    found = []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] == "Z" and int(fields[1]) == parent:
-            found.append(int(entry))
-    return found
-
-
-def _read(path: str) -> str:
-    with open(path) as handle:
-        return handle.read()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def head_limit(config: Config) -> int:
@@ -1388,15 +1059,6 @@ def answer_and_close(conn: socket.socket, response: bytes) -> None:
         pass
     finally:
         conn.close()
-
-
-def set_title(title: str) -> None:
-    """Set the process title when setproctitle is installed."""
-    try:
-        import setproctitle
-    except ImportError:
-        return
-    setproctitle.setproctitle(title)
 
 
 def main(config: Config) -> int:

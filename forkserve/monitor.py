@@ -5,7 +5,7 @@ and statsd, wired to the arbiter.
 is forked: every socket is opened first (a path or port in use is one
 clear error and the server does not start), then served on the loop. The
 numbers come from ``snapshot()``: the scoreboard slots of the running
-workers, the counts of those that have exited (``arbiter.retired``), the
+workers, the counts of those that have exited (``arbiter.supervisor.retired``), the
 restarts by cause and, under round robin, the primary's queue. Commands of
 the control socket act like the signals: ``scale`` like TTIN/TTOU,
 ``reload`` is a HUP and ``stop`` a TERM, both queued for the arbiter's loop.
@@ -164,14 +164,14 @@ class Monitor:
         primary = arbiter.primary
         assert primary is not None
         counts = Counts()
-        counts.add(arbiter.retired)
+        counts.add(arbiter.supervisor.retired)
         in_flight = 0
         workers = []
         for worker in sorted(primary.live_workers(), key=lambda w: w.id):
-            state = arbiter.worker_state(worker)
+            state = arbiter.supervisor.worker_state(worker)
             if state == "dead":
                 continue
-            view = arbiter.read_slot(worker)
+            view = arbiter.supervisor.read_slot(worker)
             requests = 0
             if view is not None:
                 counts.add(view.counts)
@@ -186,12 +186,12 @@ class Monitor:
             stats_ = primary.rr_wait
             wait = Histogram(stats_.bounds, tuple(stats_.counts), stats_.total)
         return Snapshot(
-            start_time=arbiter.started_at_wall,
+            start_time=arbiter.supervisor.started_at_wall,
             counts=counts,
             in_flight=in_flight,
             workers=tuple(workers),
             workers_wanted=arbiter.num_workers,
-            restarts=dict(arbiter.restarts),
+            restarts=dict(arbiter.supervisor.restarts),
             rr_queue_length=queue_length,
             rr_wait=wait,
         )
@@ -215,7 +215,7 @@ class Monitor:
     def cmd_status(self, args: list[Any]) -> dict[str, Any]:
         self._no_args("status", args)
         arbiter = self.arbiter
-        result = arbiter.status()
+        result = arbiter.supervisor.status()
         primary = arbiter.primary
         if primary is not None and primary.scheduling_policy == cluster.SCHED_RR:
             result["rr_queue_length"] = primary.pending_connections()
@@ -268,7 +268,7 @@ class Monitor:
             for worker in sorted(arbiter.primary.live_workers(), key=lambda w: w.id)
             if not worker.is_dead()
         ]
-        stacks = await asyncio.gather(*(arbiter.stack_of(worker) for worker in workers))
+        stacks = await asyncio.gather(*(arbiter.supervisor.stack_of(worker) for worker in workers))
         out = []
         for worker, stack in zip(workers, stacks, strict=True):
             text = stack.rstrip() or NO_STACK
