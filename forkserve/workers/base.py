@@ -20,6 +20,7 @@ package are the only modules that import both.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import logging
 import os
 import random
@@ -305,6 +306,10 @@ def boot(
 ) -> int:
     """A worker process's main: load the app, get listeners, serve. Returns the exit code."""
     started = time.monotonic()
+    # Everything inherited from the primary (or template) is long-lived: out of
+    # the collector's sight, full collections stay short and do not write to
+    # (and so copy) the shared pages.
+    gc.freeze()
     install_stack_dump(slot)
     if app is None:
         try:
