@@ -26,6 +26,7 @@ from forkserve import __version__
 from forkserve.apploader import detect_interface, find_app, load_app, pick_worker_class
 from forkserve.config import (
     ACTIONS,
+    SECTION_TITLES,
     SECTIONS,
     SETTINGS,
     Config,
@@ -36,19 +37,6 @@ from forkserve.config import (
     octal_mode,
 )
 from forkserve.errors import ForkserveError
-
-_SECTION_TITLES = {
-    "server": "Server",
-    "tls": "TLS",
-    "workers": "Workers",
-    "application": "Application",
-    "process": "Process",
-    "logging": "Logging",
-    "http": "HTTP",
-    "asgi": "ASGI",
-    "hooks": "Server hooks",
-    "meta": "Other",
-}
 
 
 def _option(setting: Setting) -> click.Option:
@@ -105,7 +93,7 @@ class _Command(click.Command):
                 if record is not None:
                     rows.append(record)
             if rows:
-                with formatter.section(f"{_SECTION_TITLES.get(section, section)} options"):
+                with formatter.section(f"{SECTION_TITLES.get(section, section)} options"):
                     formatter.write_dl(rows)
 
 

@@ -311,6 +311,21 @@ SETTINGS: tuple[Setting, ...] = (
 # fmt: on
 
 SETTINGS_BY_NAME: Mapping[str, Setting] = MappingProxyType({s.name: s for s in SETTINGS})
+# How --help and docs/configuration.md title each section.
+SECTION_TITLES: Mapping[str, str] = MappingProxyType(
+    {
+        "server": "Server",
+        "tls": "TLS",
+        "workers": "Workers",
+        "application": "Application",
+        "process": "Process",
+        "logging": "Logging",
+        "http": "HTTP",
+        "asgi": "ASGI",
+        "hooks": "Server hooks",
+        "meta": "Other",
+    }
+)
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
 # One-shot actions: a stray FORKSERVE_VERSION (a deploy tool's version number, say)
 # must not turn a server start into an action, so they come only from options.

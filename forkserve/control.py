@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from forkserve.errors import BindError
+from forkserve.process import alive
 from forkserve.sideband import SidebandServer, receive, send_all
 
 LOG = logging.getLogger("forkserve.arbiter")
@@ -105,22 +106,12 @@ def sweep_stale(directory: str) -> None:
         return
     for name in names:
         stem = name[: -len(SUFFIX)]
-        if not name.endswith(SUFFIX) or not stem.isdigit() or _alive(int(stem)):
+        if not name.endswith(SUFFIX) or not stem.isdigit() or alive(int(stem)):
             continue
         path = os.path.join(directory, name)
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(path).st_mode) and not answers(path):
                 os.unlink(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def ensure_private_dir(path: str) -> None:

@@ -16,22 +16,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from forkserve.config import _NOT_IN_FILES, ACTIONS, SETTINGS, Setting  # noqa: E402
+from forkserve.config import _NOT_IN_FILES, ACTIONS, SECTION_TITLES, SETTINGS, Setting  # noqa: E402
 from forkserve.converters import octal_mode  # noqa: E402
 
 DOC = ROOT / "docs" / "configuration.md"
-TITLES = {
-    "server": "Server",
-    "tls": "TLS",
-    "workers": "Workers",
-    "application": "Application",
-    "process": "Process",
-    "logging": "Logging",
-    "http": "HTTP",
-    "asgi": "ASGI",
-    "hooks": "Server hooks",
-    "meta": "Other",
-}
 HOOKS_INTRO = (
     "Hooks are callables defined in a Python config file; there is no flag or "
     "environment variable.\nUnset hooks are not called.\n\n"
@@ -93,7 +81,7 @@ def render() -> str:
     text = DOC.read_text()
     head = text[: text.index("\n## Server\n") + 1]
     parts = [head]
-    for section, title in TITLES.items():
+    for section, title in SECTION_TITLES.items():
         parts.append(f"## {title}\n\n")
         if section == "hooks":
             parts.append(HOOKS_INTRO)

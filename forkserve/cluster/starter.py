@@ -37,19 +37,11 @@ INSPECT_PORT_ENV = "FORKSERVE_INSPECT_PORT"
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class ChildProcess:
-    """``worker.process`` in the primary: pid, kill, and how it ended."""
+class Exited:
+    """``exit_code`` and ``signal_code`` (Node's ``code`` and ``signal``) from
+    ``returncode``: the exit status, or minus the signal number."""
 
-    def __init__(
-        self,
-        pid: int,
-        popen: subprocess.Popen[bytes] | None = None,
-        stdio: tuple[IO[bytes] | None, IO[bytes] | None, IO[bytes] | None] = (None, None, None),
-    ) -> None:
-        self.pid = pid
-        self._popen = popen
-        self.stdin, self.stdout, self.stderr = stdio
-        self.returncode: int | None = None
+    returncode: int | None
 
     @property
     def exit_code(self) -> int | None:
@@ -64,6 +56,30 @@ class ChildProcess:
         if self.returncode is None or self.returncode >= 0:
             return None
         return signal_name(-self.returncode)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a forked process: flush what Python buffered, then ``os._exit``."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+class ChildProcess(Exited):
+    """``worker.process`` in the primary: pid, kill, and how it ended."""
+
+    def __init__(
+        self,
+        pid: int,
+        popen: subprocess.Popen[bytes] | None = None,
+        stdio: tuple[IO[bytes] | None, IO[bytes] | None, IO[bytes] | None] = (None, None, None),
+    ) -> None:
+        self.pid = pid
+        self._popen = popen
+        self.stdin, self.stdout, self.stderr = stdio
+        self.returncode: int | None = None
 
     def poll(self) -> int | None:
         """Reap the process if it has ended; return ``returncode``."""
@@ -319,11 +335,7 @@ def run_worker(
         traceback.print_exc()
         code = 1
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        exit_now(code)
 
 
 def _die_of_sigint() -> None:

@@ -48,9 +48,8 @@ from typing import IO, Any
 
 from .events import EventEmitter
 from .ipc import READ_SIZE, FrameDecoder, Kind, encode
-from .starter import ChildProcess, _stdio
+from .starter import ChildProcess, Exited, _stdio
 from .template_process import PR_SET_CHILD_SUBREAPER, Prepare, TemplateProcess, prctl
-from .worker_object import signal_name
 
 REQUEST_TIMEOUT = 10.0
 
@@ -64,7 +63,7 @@ def become_subreaper() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-class Template(EventEmitter):
+class Template(EventEmitter, Exited):
     """A template process, seen from the primary.
 
     ``await ready()`` gives what its ``prepare()`` returned (``info``) or
@@ -106,18 +105,6 @@ class Template(EventEmitter):
             and not self.closed
             and not self._broken
         )
-
-    @property
-    def exit_code(self) -> int | None:
-        if self.returncode is None or self.returncode < 0:
-            return None
-        return self.returncode
-
-    @property
-    def signal_code(self) -> str | None:
-        if self.returncode is None or self.returncode >= 0:
-            return None
-        return signal_name(-self.returncode)
 
     async def ready(self) -> dict[str, Any]:
         """What ``prepare()`` returned, once it has; raises ``TemplateError``."""

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from .ipc import MAX_FDS, READ_SIZE, FrameDecoder, Kind, encode
-from .starter import reset_signals_after_fork, run_worker
+from .starter import exit_now, reset_signals_after_fork, run_worker
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -95,11 +95,7 @@ class TemplateProcess:
             traceback.print_exc()
             code = 1
         finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+            exit_now(code)
 
     def serve(self, sock: socket.socket) -> int:
         """Prepare, report, then fork workers until the socketpair closes; the exit code."""
