@@ -192,7 +192,7 @@ def format_status(status: dict[str, Any]) -> str:
     workers = status.get("workers") or []
     lines = [
         f"forkserve {status.get('version', '?')} (pid {status.get('pid', '?')}): "
-        f"{status.get('app', '?')}, {status.get('worker_class', '?')} workers, "
+        f"{status.get('app', '?')}, -k {status.get('worker_class', '?')}, "
         f"{len(workers)} running ({status.get('workers_wanted', '?')} wanted), "
         f"sched {status.get('sched', '?')}, up {duration(status.get('uptime'))}",
         f"listening on {', '.join(status.get('listeners') or []) or '-'}",

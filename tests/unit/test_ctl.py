@@ -278,7 +278,7 @@ def test_format_status() -> None:
     text = ctl.format_status(STATUS)
     lines = text.splitlines()
     assert lines[0] == (
-        "forkserve 1.0 (pid 4120): app:app, sync workers, 2 running (2 wanted), sched rr, up 1h02m"
+        "forkserve 1.0 (pid 4120): app:app, -k sync, 2 running (2 wanted), sched rr, up 1h02m"
     )
     assert "restarts: crash 1" in text and "waiting in the primary: 0" in text
     header = next(line for line in lines if line.startswith("ID"))
