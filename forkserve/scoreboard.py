@@ -24,6 +24,7 @@ This module knows nothing about HTTP parsing, sockets or the cluster.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import struct
@@ -53,18 +54,21 @@ _Q_PID, _Q_REQUESTS, _Q_IN_FLIGHT, _Q_FLAGS, _Q_STACK_FD, _Q_TIMEOUTS = range(6)
 _Q_COUNTS = 8
 _Q_HIST = _Q_COUNTS + len(METHODS) * len(STATUS_CLASSES)
 _Q_COUNT = _Q_HIST + len(BUCKETS) + 1
-# In-flight entries from offset 1024: start (double), line length, client
-# length (unsigned shorts), line, client.
+# In-flight entries from offset 1024: line length, client length (unsigned
+# shorts), line, client, and last the start time (a double; 0 when free),
+# written in one go with the start last.
 _E_OFFSET = 1024
 _E_SIZE = 256
-_E_HEAD = struct.Struct("=dHH")
-_E_LINE = _E_HEAD.size
+_ENTRY = struct.Struct(f"=HH{LINE_MAX}s{CLIENT_MAX}sd")
+_E_START = _ENTRY.size - 8
+_E_LINE = 4
 _E_CLIENT = _E_LINE + LINE_MAX
+_START = struct.Struct("=d")
 
 FLAG_CANCELS_OWN = 1  # the worker enforces --request-timeout itself (asgi)
 
 assert _Q_OFFSET + 8 * _Q_COUNT <= _E_OFFSET
-assert _E_CLIENT + CLIENT_MAX <= _E_SIZE
+assert _ENTRY.size <= _E_SIZE
 assert _E_OFFSET + ENTRIES * _E_SIZE <= SLOT_SIZE
 
 
@@ -79,10 +83,7 @@ def status_index(status: int) -> int:
 
 
 def bucket_index(seconds: float) -> int:
-    for index, bound in enumerate(BUCKETS):
-        if seconds <= bound:
-            return index
-    return len(BUCKETS)
+    return bisect.bisect_left(BUCKETS, seconds)
 
 
 @dataclass(slots=True)
@@ -194,13 +195,12 @@ class Scoreboard:
         requests = []
         for entry in range(ENTRIES):
             offset = _E_OFFSET + entry * _E_SIZE
-            start, line_len, client_len = _E_HEAD.unpack_from(view, offset)
+            (start,) = _START.unpack_from(view, offset + _E_START)
             if not start:
                 continue
-            line = bytes(view[offset + _E_LINE : offset + _E_LINE + min(line_len, LINE_MAX)])
-            client_at = offset + _E_CLIENT
-            client = bytes(view[client_at : client_at + min(client_len, CLIENT_MAX)])
-            if _E_HEAD.unpack_from(view, offset)[0] != start:
+            line_len, client_len, line, client, _ = _ENTRY.unpack_from(view, offset)
+            line, client = line[: min(line_len, LINE_MAX)], client[: min(client_len, CLIENT_MAX)]
+            if _START.unpack_from(view, offset + _E_START)[0] != start:
                 continue  # rewritten while read: the next reading will have it
             requests.append(
                 InFlight(line.decode("latin-1"), client.decode("latin-1"), max(0.0, now - start))
@@ -261,13 +261,11 @@ class Slot:
             self._words[_Q_IN_FLIGHT] += 1
             entry = self._free.pop() if self._free else -1
         if entry >= 0:
-            view = self._view
-            offset = _E_OFFSET + entry * _E_SIZE
             line = f"{method} {target}".encode("latin-1", "replace")[:LINE_MAX]
             peer = client.encode("latin-1", "replace")[:CLIENT_MAX]
-            view[offset + _E_LINE : offset + _E_LINE + len(line)] = line
-            view[offset + _E_CLIENT : offset + _E_CLIENT + len(peer)] = peer
-            _E_HEAD.pack_into(view, offset, now, len(line), len(peer))
+            _ENTRY.pack_into(
+                self._view, _E_OFFSET + entry * _E_SIZE, len(line), len(peer), line, peer, now
+            )
         return entry, now
 
     def end(self, token: tuple[int, float], method: str, status: int) -> None:
@@ -277,7 +275,7 @@ class Slot:
         words = self._words
         with self._lock:
             if entry >= 0:
-                _E_HEAD.pack_into(self._view, _E_OFFSET + entry * _E_SIZE, 0.0, 0, 0)
+                _START.pack_into(self._view, _E_OFFSET + entry * _E_SIZE + _E_START, 0.0)
                 self._free.append(entry)
             words[_Q_IN_FLIGHT] -= 1
             words[_Q_REQUESTS] += 1
