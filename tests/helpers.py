@@ -76,3 +76,14 @@ def answers_200(host: str, port: int, path: str = "/") -> bool:
         return http_get(host, port, path, timeout=2.0).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 2.0) -> bool:
+    """True once the server closes ``sock`` (EOF or reset) within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

@@ -280,7 +280,8 @@ def request_hooks(
         method = scope["method"]
         client = scope.get("client")
         peer = str(client[0]) if client else ""
-        token = observer.begin(method, target_of(scope), peer) if observer is not None else None
+        target = target_of(scope)
+        token = observer.begin(method, target, peer) if observer is not None else None
 
         async def send_and_note(message: Message) -> None:
             nonlocal status, headers, sent
@@ -298,7 +299,7 @@ def request_hooks(
             elif not await run_with_deadline(
                 app(scope, receive, send_and_note),
                 request_timeout,
-                f"{method} {target_of(scope)}",
+                f"{method} {target}",
                 peer,
             ):
                 if observer is not None:
@@ -315,7 +316,7 @@ def request_hooks(
             if access_log is not None:
                 record = AccessRecord(
                     method=method,
-                    target=target_of(scope),
+                    target=target,
                     http_version=scope.get("http_version", "1.1"),
                     status=status or 500,
                     bytes_sent=0 if method == "HEAD" else sent,

@@ -84,15 +84,15 @@ def parse_records(text: str) -> list[list]:
     return records
 
 
-def run_script(
+def spawn(
     script: str | Path,
-    *args: str,
-    starter: str = "exec",
-    env: dict[str, str] | None = None,
-    timeout: float = 20.0,
-    cwd: str | Path | None = None,
-) -> Result:
-    """Run a scenario to completion (bounded by ``timeout``); kill its group afterwards."""
+    args: tuple[str, ...],
+    starter: str,
+    env: dict[str, str] | None,
+    cwd: str | Path | None,
+    pass_fds: tuple[int, ...] = (),
+) -> tuple[Path, subprocess.Popen[bytes]]:
+    """Start a scenario script in its own session, its output piped."""
     path = Path(script)
     if not path.is_absolute():
         path = SCRIPTS / path
@@ -106,7 +106,21 @@ def run_script(
         env=full_env,
         cwd=str(cwd or ROOT),
         start_new_session=True,
+        pass_fds=pass_fds,
     )
+    return path, proc
+
+
+def run_script(
+    script: str | Path,
+    *args: str,
+    starter: str = "exec",
+    env: dict[str, str] | None = None,
+    timeout: float = 20.0,
+    cwd: str | Path | None = None,
+) -> Result:
+    """Run a scenario to completion (bounded by ``timeout``); kill its group afterwards."""
+    path, proc = spawn(script, args, starter, env, cwd)
     try:
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -135,21 +149,7 @@ class Running:
         cwd=None,
         pass_fds: tuple[int, ...] = (),
     ) -> None:
-        path = Path(script)
-        if not path.is_absolute():
-            path = SCRIPTS / path
-        full_env = base_env(starter)
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            [PYTHON, str(path), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=full_env,
-            cwd=str(cwd or ROOT),
-            start_new_session=True,
-            pass_fds=pass_fds,
-        )
+        _, self.proc = spawn(script, args, starter, env, cwd, pass_fds)
         self._buf = b""
         self.lines: list[str] = []
         self.records: list[list] = []

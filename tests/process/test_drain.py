@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import Server
-from tests.helpers import wait_for
+from tests.helpers import closed_by_server, wait_for
 from tests.load import Load
 
 CLASSES = {
@@ -68,16 +68,6 @@ def ask(sock: socket.socket, path: str = "/") -> tuple[int, dict[bytes, bytes]]:
     """A keep-alive request (no ``Connection`` header) on ``sock``."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
     return read_response(sock)
-
-
-def closed_by_server(sock: socket.socket, timeout: float = 2.0) -> bool:
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def closes_now(server: Server) -> bool:

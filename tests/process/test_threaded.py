@@ -21,6 +21,8 @@ import httpx
 import pytest
 from conftest import Server, wait_for
 
+from tests.helpers import closed_by_server
+
 APP = "threaded_apps:app"
 SCHEDS = ["rr", "none"]
 
@@ -66,17 +68,6 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
 def keepalive_get(sock: socket.socket, path: str = "/") -> tuple[bytes, bytes]:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
     return read_response(sock)
-
-
-def closed_by_server(sock: socket.socket, timeout: float) -> bool:
-    """True once the server closes ``sock`` (EOF or reset) within ``timeout``."""
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 @pytest.mark.parametrize("sched", SCHEDS)
