@@ -940,8 +940,13 @@ class Arbiter:
             # Round robin: stop accepting and let the workers take every
             # connection the primary already holds before they are told to go.
             began = time.monotonic()
-            if not await primary.pause_accepting(deadline):
-                LOG.warning("connections still waiting in the primary after %.0fs", deadline)
+            unserved = await primary.pause_accepting(deadline)
+            if unserved:
+                LOG.warning(
+                    "%d connection(s) accepted by the primary closed unserved: "
+                    "no worker took them in time",
+                    unserved,
+                )
             deadline = max(1.0, deadline - (time.monotonic() - began))
         # The cluster's handles close with their last worker (round robin too).
         primary.keep_handles = False

@@ -598,24 +598,39 @@ class Primary(EventEmitter):
             # Let handlers of the last exit fork replacements before deciding.
             await asyncio.sleep(0)
 
-    async def pause_accepting(self, timeout: float) -> bool:
+    async def pause_accepting(self, timeout: float) -> int:
         """Round robin: stop accepting, then wait up to ``timeout`` seconds
         until every connection already accepted has been taken by a worker.
 
         Called before the workers are disconnected for a graceful stop, so a
-        connection the primary accepted is served, not reset. True if the
-        handles drained in time. Shared handles (SCHED_NONE) have nothing to
-        pause: workers accept for themselves.
+        connection the primary accepted is served, not reset. A handle whose
+        workers are all gone (they were signalled with the primary, as a
+        terminal's Ctrl-C or systemd's stop does) cannot drain: what it holds
+        is closed at once instead of waiting out the timeout. Returns how many
+        connections were left unserved (closed, or still held at the
+        deadline). Shared handles (SCHED_NONE) have nothing to pause: workers
+        accept for themselves.
         """
         handles = [h for h in self._handles.values() if isinstance(h, RoundRobinHandle)]
         for handle in handles:
             handle.pause()
         deadline = self.loop.time() + timeout
-        while not all(handle.drained or handle.closed for handle in handles):
+        dropped = 0
+
+        def settled(handle: RoundRobinHandle) -> bool:
+            nonlocal dropped
+            if handle.drained or handle.closed:
+                return True
+            if not handle.queue.workers:
+                dropped += handle.drop_held()
+                return True
+            return False
+
+        while not all([settled(handle) for handle in handles]):
             if self.loop.time() >= deadline:
-                return False
+                return dropped + sum(h.held_count for h in handles if not h.closed)
             await asyncio.sleep(0.01)
-        return True
+        return dropped
 
     def run(self) -> None:
         """Run the loop until no worker is left alive."""

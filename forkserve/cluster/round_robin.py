@@ -444,6 +444,23 @@ class RoundRobinHandle:
         self.paused = True
         self._update_reading()
 
+    def drop_held(self) -> int:
+        """Close every connection held here (watched, pending, in flight); how many."""
+        held = list(self.watching)
+        for conn in held:
+            self._unwatch(conn)
+        held.extend(self.queue.drain())
+        for conn in held:
+            self._data.pop(conn, None)
+            self._accepted.pop(conn, None)
+            _close(conn)
+        return len(held)
+
+    @property
+    def held_count(self) -> int:
+        """Connections accepted here and not yet taken by a worker."""
+        return len(self.watching) + len(self.queue.held())
+
     @property
     def drained(self) -> bool:
         """Nothing accepted here is waiting: not for bytes, a worker or an ack."""

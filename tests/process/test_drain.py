@@ -13,6 +13,7 @@ or systemd with ``KillMode=mixed`` sends it.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -189,3 +190,35 @@ def test_term_closes_idle_connections_finishes_in_flight_and_refuses_new(
     slow.close()
     wait_for(lambda: refused(server), 5)
     assert server.wait(15) == 0
+
+
+def test_term_to_the_whole_group_under_rr_does_not_wait_for_held_connections(
+    serve, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C or systemd's stop signals every process of the server.
+
+    The workers leave by themselves; connections the primary accepted and
+    still holds have no worker left to take them: the primary closes them at
+    once instead of waiting out --graceful-timeout.
+    """
+    log = tmp_path / "events"
+    server = start(
+        serve, "sync", "-w", "1", "--sched", "rr", "--graceful-timeout", "20",
+        env={"DRAIN_EVENTS": str(log)},
+    )  # fmt: skip
+    slow = server.connect()
+    slow.sendall(b"GET /slow?1 HTTP/1.1\r\nHost: test\r\n\r\n")
+    wait_for(lambda: any(e.startswith("begin") for e in events(log)), 5)
+    # The only worker is busy: these wait in the primary.
+    held = [server.connect() for _ in range(3)]
+    for sock in held:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    time.sleep(0.2)
+    began = time.monotonic()
+    os.killpg(server.pid, signal.SIGTERM)
+    assert server.wait(15) == 0
+    assert time.monotonic() - began < 5.0, "stopped without waiting out --graceful-timeout"
+    for sock in held:
+        assert closed_by_server(sock, timeout=2), "a held connection is closed, not left open"
+        sock.close()
+    slow.close()
