@@ -13,7 +13,6 @@ This module must not import click, ``forkserve.arbiter``, ``forkserve.workers``,
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 import importlib
 import importlib.util
@@ -164,6 +163,8 @@ def _resolve(module: Any, spec: AppSpec, display: str) -> Any:
     target: Any = module
     for index, name in enumerate(spec.attrs):
         if not hasattr(target, name):
+            import difflib  # only on this error path: workers need not inherit it
+
             names = [n for n in dir(target) if not n.startswith("_")]
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; check {display!r}"

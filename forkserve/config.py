@@ -16,7 +16,6 @@ This module must not import click, ``forkserve.arbiter``, ``forkserve.workers``,
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import shlex
@@ -429,6 +428,8 @@ def effective_threads(config: Config, worker_class: str | None = None) -> int:
 def _suggest(name: str, candidates: Iterator[str] | Mapping[str, Any] | Sequence[str]) -> str:
     if name in _GUNICORN_NAMES:
         return f"; did you mean {_GUNICORN_NAMES[name]!r}?"
+    import difflib  # only for a mistyped name: not in the primary, so not in every worker
+
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 

@@ -13,11 +13,6 @@ from typing import Any
 
 from forkserve.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 
 def read_python(path: str, display: str) -> dict[str, Any]:
     try:
@@ -60,6 +55,12 @@ def _innermost_line(exc: BaseException, path: str) -> str:
 
 
 def read_toml(path: str, display: str, table: str | None) -> dict[str, Any]:
+    # Imported on use: workers fork from the primary and need no TOML parser.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)

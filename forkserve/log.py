@@ -12,10 +12,7 @@ This module is a leaf: it must not import click, ``forkserve.arbiter``,
 
 from __future__ import annotations
 
-import configparser
-import json
 import logging
-import logging.config
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +20,6 @@ from forkserve.errors import ConfigError
 
 if TYPE_CHECKING:
     from forkserve.config import Config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 ROOT = "forkserve"
 ARBITER = "forkserve.arbiter"
@@ -100,6 +92,17 @@ def apply_log_config(path: str) -> None:
 
     Loggers not named in the file are left enabled. Raises ``ConfigError``.
     """
+    # Imported here, not at the top: every worker is forked from the primary,
+    # so what the primary imports for this rarely used option would sit in each.
+    import configparser
+    import json
+    import logging.config
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+
     try:
         if path.endswith((".ini", ".conf")):
             logging.config.fileConfig(path, disable_existing_loggers=False)

@@ -26,14 +26,16 @@ from typing import TYPE_CHECKING, Any
 from forkserve import cluster
 from forkserve.control import CommandError, ControlServer, control_path, parse_scale
 from forkserve.errors import BindError
-from forkserve.metrics import Histogram, MetricsServer, Snapshot, WorkerSample, render, stats
 from forkserve.scoreboard import Counts
 from forkserve.sockets import HINTS
-from forkserve.statsd import INTERVAL, StatsdSender, split_address
 from forkserve.supervision import rss_of
 
+# metrics and statsd are imported where they are used: workers are forked
+# from the primary, and whatever it imports before forking sits in each one.
 if TYPE_CHECKING:
     from forkserve.arbiter import Arbiter
+    from forkserve.metrics import MetricsServer, Snapshot
+    from forkserve.statsd import StatsdSender
 
 LOG = logging.getLogger("forkserve.arbiter")
 NO_STACK = "(no stack: the worker did not answer SIGUSR2)"
@@ -41,6 +43,8 @@ NO_STACK = "(no stack: the worker did not answer SIGUSR2)"
 
 def open_metrics_socket(address: str) -> socket.socket:
     """A listening TCP socket for ``--metrics-bind``; ``BindError`` says why not."""
+    from forkserve.statsd import split_address
+
     host, port = split_address(address)
     try:
         found = socket.getaddrinfo(
@@ -104,9 +108,13 @@ class Monitor:
                     sock.setblocking(False)
                 else:
                     sock = open_metrics_socket(config.metrics_bind)
+                from forkserve.metrics import MetricsServer, render
+
                 self.metrics = MetricsServer(sock, lambda: render(self.snapshot()))
             self.arbiter.upgrader.close_side_sockets()
             if config.statsd_host:
+                from forkserve.statsd import StatsdSender
+
                 self.statsd = StatsdSender(config.statsd_host, config.statsd_prefix)
         except BaseException:
             self.close(flush=False)
@@ -120,12 +128,16 @@ class Monitor:
             self.metrics.start(loop)
             LOG.info("metrics at http://%s/metrics", config.metrics_bind)
         if self.statsd is not None:
+            from forkserve.statsd import INTERVAL
+
             self._timer = loop.call_later(INTERVAL, self._flush_statsd, loop)
             LOG.info("sending statsd metrics to %s every %.0fs", config.statsd_host, INTERVAL)
 
     def _flush_statsd(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.statsd is None:
             return
+        from forkserve.statsd import INTERVAL
+
         self.statsd.flush(self.snapshot())
         self._timer = loop.call_later(INTERVAL, self._flush_statsd, loop)
 
@@ -160,6 +172,8 @@ class Monitor:
 
     def snapshot(self) -> Snapshot:
         """Every counter, over the running workers and those that have exited."""
+        from forkserve.metrics import Histogram, Snapshot, WorkerSample
+
         arbiter = self.arbiter
         primary = arbiter.primary
         assert primary is not None
@@ -222,6 +236,8 @@ class Monitor:
         return result
 
     def cmd_stats(self, args: list[Any]) -> dict[str, Any]:
+        from forkserve.metrics import stats
+
         self._no_args("stats", args)
         return stats(self.snapshot())
 

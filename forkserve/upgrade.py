@@ -38,7 +38,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import struct
@@ -341,6 +340,8 @@ def remove_oldbin(pidfile: str | None, pid: int) -> None:
 
 def open_notify_socket() -> tuple[socket.socket, str]:
     """A datagram socket in the abstract namespace that reports its senders' pids."""
+    import secrets  # on SIGUSR2 only: hmac and hashlib stay out of the workers
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     name = f"forkserve-upgrade-{os.getpid()}-{secrets.token_hex(8)}"
     try:

@@ -7,7 +7,9 @@ Three modes, all on 127.0.0.1 only:
   ``Connection: close`` workloads, rounds interleaved across servers;
 * ``--balance``: how evenly requests spread over the workers (cpu app);
 * ``--startup``: time to the first 200 and time for a killed worker to be
-  replaced.
+  replaced, with and without ``--preload``;
+* ``--memory``: RSS, PSS and USS per worker, with and without ``--preload``,
+  before and after a full garbage collection in every worker.
 
 Peers run from their own virtualenv in ``.bench/venv`` (created on first run).
 See docs/benchmarks.md for what every number means.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,10 +46,14 @@ APPS_DIR = REPO / "scripts" / "bench_apps"
 BENCH_DIR = REPO / ".bench"
 VENV = BENCH_DIR / "venv"
 LOG_DIR = BENCH_DIR / "logs"
+GEN_APPS_DIR = BENCH_DIR / "apps"  # apps this script writes (the memory mode's)
 HOST = "127.0.0.1"
 
 PEER_PACKAGES = ["gunicorn", "uvicorn[standard]", "granian"]
 PEER_IMPORTS = ["gunicorn", "uvicorn", "granian", "httptools", "uvloop"]
+# forkserve's own dependencies: without setproctitle the --preload template
+# carries the primary's command line and cannot be told from the workers.
+VENV_IMPORTS = [*PEER_IMPORTS, "forkserve", "setproctitle"]
 VERSION_PACKAGES = ["forkserve", "gunicorn", "uvicorn", "granian", "httptools", "uvloop"]
 
 GTHREADS = 4
@@ -63,6 +70,19 @@ QUICK_SERVERS = [
 ]
 BALANCE_SERVERS = ["forkserve-sync-rr", "forkserve-sync-none", "gunicorn-sync"]
 STARTUP_SERVERS = ["forkserve-sync-rr", "forkserve-sync-none", "gunicorn-sync"]
+MEMORY_SERVERS = [
+    "forkserve-sync-none",
+    "forkserve-threaded-none",
+    "gunicorn-sync",
+    "gunicorn-gthread",
+]
+# (candidate, baseline) of the memory mode: the same worker model.
+MEMORY_COMPARISONS: list[tuple[str, str]] = [
+    ("forkserve-sync-rr", "gunicorn-sync"),
+    ("forkserve-sync-none", "gunicorn-sync"),
+    ("forkserve-threaded-rr", "gunicorn-gthread"),
+    ("forkserve-threaded-none", "gunicorn-gthread"),
+]
 
 # (candidate, baseline): ratios reported for each workload.
 COMPARISONS: list[tuple[str, str]] = [
@@ -111,11 +131,11 @@ SERVERS: dict[str, ServerSpec] = {
 
 
 def app_target(spec: ServerSpec, app: str) -> str:
-    """``module:attr`` of the bench app for this server (app: hello | cpu)."""
-    if app == "cpu":
+    """``module:attr`` of the bench app for this server (app: hello | cpu | memory)."""
+    if app in ("cpu", "memory"):
         if spec.interface != "wsgi":
-            raise ValueError(f"{spec.name}: the cpu app is WSGI only")
-        return "cpu_wsgi:app"
+            raise ValueError(f"{spec.name}: the {app} app is WSGI only")
+        return "cpu_wsgi:app" if app == "cpu" else f"{MEMORY_APP}:app"
     return f"hello_{spec.interface}:app"
 
 
@@ -195,7 +215,7 @@ def venv_ready() -> bool:
     py = venv_python()
     if not py.exists():
         return False
-    code = "import " + ", ".join(PEER_IMPORTS)
+    code = "import " + ", ".join(VENV_IMPORTS)
     res = subprocess.run([str(py), "-c", code], capture_output=True, timeout=60, check=False)
     return res.returncode == 0
 
@@ -229,6 +249,23 @@ def ensure_venv(reinstall_forkserve: bool) -> None:
     if res.returncode != 0:
         log("peers venv: WARNING: installing forkserve failed; its rows will fail to start")
         log(res.stderr[-2000:])
+
+
+def compile_forkserve() -> None:
+    """Write the checkout's bytecode before measuring.
+
+    forkserve runs editable from the checkout: a stale or missing ``.pyc``
+    (``PYTHONDONTWRITEBYTECODE`` set, a file edited since) is compiled again
+    by every server start, which adds tens of milliseconds to the start and
+    about a MiB to the primary, hence to every worker forked from it. The
+    peers' ``.pyc`` files were written when pip installed them.
+    """
+    subprocess.run(
+        [str(venv_python()), "-m", "compileall", "-q", str(REPO / "forkserve")],
+        check=False,
+        timeout=300,
+        capture_output=True,
+    )
 
 
 def ensure_wrk() -> str:
@@ -335,20 +372,25 @@ def children_of(pid: int) -> list[int]:
     return live
 
 
+TEMPLATE_MARKER = "forkserve: template"  # --preload: the process workers fork from
 HELPER_MARKERS = (
     "resource_tracker",
     "semaphore_tracker",
     "multiprocessing.forkserver",
-    "forkserve: template",  # --preload: the process workers fork from
+    TEMPLATE_MARKER,
 )
+
+
+def cmdline_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def is_helper(pid: int) -> bool:
     """True for helper processes (multiprocessing's, forkserve's template): not workers."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
+    cmdline = cmdline_of(pid)
     return any(marker in cmdline for marker in HELPER_MARKERS)
 
 
@@ -357,19 +399,55 @@ def worker_pids(leader: int) -> list[int]:
     return [pid for pid in children_of(leader) if not is_helper(pid)]
 
 
-def smaps_rollup(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of a process in KiB; (0, 0) if unreadable."""
-    rss = pss = 0
+def template_pids(leader: int) -> list[int]:
+    """forkserve's ``--preload`` template(s) among the leader's children (by title)."""
+    return [pid for pid in children_of(leader) if TEMPLATE_MARKER in cmdline_of(pid)]
+
+
+def check_template(spec: ServerSpec, leader: int, preload: bool) -> None:
+    """Raise ServerFailed when forkserve's template cannot be told from its workers.
+
+    Workers are the leader's children less the template, which is known by its
+    process title; without titles every measure would count (or kill) it as a
+    worker.
+    """
+    if spec.family == "forkserve" and preload and not template_pids(leader):
+        raise ServerFailed(
+            "cannot tell the --preload template from the workers (no process titles); "
+            "install setproctitle in .bench/venv (--reinstall-forkserve)"
+        )
+
+
+@dataclass(frozen=True)
+class Smaps:
+    """One process's memory in KiB, from ``/proc/<pid>/smaps_rollup``.
+
+    ``uss`` (unique set size) is what the process alone maps: its private
+    clean and dirty pages, freed if it exits. ``pss`` adds its share of the
+    pages it shares (a page shared by n processes counts 1/n).
+    """
+
+    rss: int = 0
+    pss: int = 0
+    uss: int = 0
+
+
+def smaps_rollup(pid: int) -> Smaps:
+    """RSS, PSS and USS of a process in KiB; zeros if unreadable."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        return 0, 0
+        return Smaps()
+    fields: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith("Rss:"):
-            rss = int(line.split()[1])
-        elif line.startswith("Pss:"):
-            pss = int(line.split()[1])
-    return rss, pss
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+            fields[parts[0][:-1]] = int(parts[1])
+    return Smaps(
+        rss=fields.get("Rss", 0),
+        pss=fields.get("Pss", 0),
+        uss=fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
+    )
 
 
 @dataclass
@@ -379,29 +457,49 @@ class MemSample:
     total_pss_kib: int
     leader_rss_kib: int
     worker_rss_kib: list[int]
+    worker_pss_kib: list[int] = field(default_factory=list)
+    worker_uss_kib: list[int] = field(default_factory=list)
+
+    @staticmethod
+    def _mean_mib(values: list[int]) -> float | None:
+        return statistics.mean(values) / 1024.0 if values else None
 
     @property
     def per_worker_mib(self) -> float | None:
-        if not self.worker_rss_kib:
-            return None
-        return statistics.mean(self.worker_rss_kib) / 1024.0
+        return self._mean_mib(self.worker_rss_kib)
+
+    @property
+    def pss_per_worker_mib(self) -> float | None:
+        return self._mean_mib(self.worker_pss_kib)
+
+    @property
+    def uss_per_worker_mib(self) -> float | None:
+        return self._mean_mib(self.worker_uss_kib)
+
+    def summary(self) -> dict[str, Any]:
+        return asdict(self) | {
+            "per_worker_mib": self.per_worker_mib,
+            "pss_per_worker_mib": self.pss_per_worker_mib,
+            "uss_per_worker_mib": self.uss_per_worker_mib,
+        }
 
 
 def measure_memory(leader: int) -> MemSample:
     """Memory of the leader's process group; workers are the leader's direct children."""
     members = group_pids(leader)
     kids = set(worker_pids(leader))
-    total_rss = total_pss = leader_rss = 0
-    worker_rss: list[int] = []
+    sample = MemSample(len(members), 0, 0, 0, [])
     for pid in members:
-        rss, pss = smaps_rollup(pid)
-        total_rss += rss
-        total_pss += pss
+        mem = smaps_rollup(pid)
+        sample.total_rss_kib += mem.rss
+        sample.total_pss_kib += mem.pss
         if pid == leader:
-            leader_rss = rss
+            sample.leader_rss_kib = mem.rss
         elif pid in kids:
-            worker_rss.append(rss)
-    return MemSample(len(members), total_rss, total_pss, leader_rss, worker_rss)
+            sample.worker_rss_kib.append(mem.rss)
+            sample.worker_pss_kib.append(mem.pss)
+            sample.worker_uss_kib.append(mem.uss)
+    return sample
 
 
 # --------------------------------------------------------------------------
@@ -445,10 +543,18 @@ def kill_group(proc: subprocess.Popen[Any], timeout: float = STOP_TIMEOUT) -> No
 
 
 class Server:
-    def __init__(self, spec: ServerSpec, argv: list[str], port: int, tag: str) -> None:
+    def __init__(
+        self,
+        spec: ServerSpec,
+        argv: list[str],
+        port: int,
+        tag: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.spec = spec
         self.argv = argv
         self.port = port
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"{spec.name}-{tag}.log"
@@ -460,9 +566,10 @@ class Server:
 
     def start(self) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(APPS_DIR)
+        env["PYTHONPATH"] = os.pathsep.join([str(APPS_DIR), str(GEN_APPS_DIR)])
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("VIRTUAL_ENV", None)
+        env.update(self.env)
         with open(self.log_path, "wb") as logf:
             logf.write(("$ " + shlex.join(self.argv) + "\n").encode())
             logf.flush()
@@ -525,9 +632,11 @@ def running_server(
     ready_timeout: float,
     preload: bool = False,
     ready_path: str = "/",
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     port = free_port()
-    server = Server(spec, server_command(spec, app, port, workers, preload), port, tag)
+    argv = server_command(spec, app, port, workers, preload)
+    server = Server(spec, argv, port, tag, env)
     try:
         try:
             server.start()
@@ -697,7 +806,7 @@ def throughput_round(
                         requests=res.requests,
                         socket_errors=res.socket_errors,
                         non2xx=res.non2xx,
-                        memory=asdict(mem) | {"per_worker_mib": mem.per_worker_mib},
+                        memory=mem.summary(),
                     )
                 )
     except ServerFailed as exc:
@@ -738,6 +847,7 @@ def summarize(rows: list[Row], servers: list[str], workloads: list[str]) -> list
                     "errors": errs,
                     "errors_total": sum(errs.values()),
                     "rss_worker_mib": med([m["per_worker_mib"] for m in mems]),
+                    "uss_worker_mib": med([m["uss_per_worker_mib"] for m in mems]),
                     "rss_total_mib": med([m["total_rss_kib"] / 1024.0 for m in mems]),
                     "pss_total_mib": med([m["total_pss_kib"] / 1024.0 for m in mems]),
                     "processes": med([float(m["processes"]) for m in mems]),
@@ -785,20 +895,21 @@ def fmt_errors(errs: dict[str, int]) -> str:
 def throughput_tables(summary: list[dict[str, Any]], rats: list[dict[str, Any]]) -> str:
     lines = [
         "| server | workload | req/s (median) | p50 ms | p99 ms | errors | RSS/worker MiB "
-        "| RSS total MiB | PSS total MiB |",
-        "|---|---|--:|--:|--:|---|--:|--:|--:|",
+        "| USS/worker MiB | RSS total MiB | PSS total MiB |",
+        "|---|---|--:|--:|--:|---|--:|--:|--:|--:|",
     ]
     for s in summary:
         if not s["rounds_ok"]:
             reason = s["failure"] or ("failed" if s["rounds"] else "not run")
             short = reason.split(":", 1)[0]
-            lines.append(f"| {s['server']} | {s['workload']} | {short} | | | | | | |")
+            lines.append(f"| {s['server']} | {s['workload']} | {short} | | | | | | | |")
             continue
         partial = "" if s["rounds_ok"] == s["rounds"] else f" ({s['rounds_ok']}/{s['rounds']})"
         lines.append(
             f"| {s['server']} | {s['workload']} | {fmt(s['rps'], '.0f')}{partial} "
             f"| {fmt(s['p50_ms'], '.2f')} | {fmt(s['p99_ms'], '.2f')} "
             f"| {fmt_errors(s['errors'])} | {fmt(s['rss_worker_mib'])} "
+            f"| {fmt(s['uss_worker_mib'])} "
             f"| {fmt(s['rss_total_mib'])} | {fmt(s['pss_total_mib'])} |"
         )
     failures = [s for s in summary if not s["rounds_ok"] and s["failure"]]
@@ -1028,10 +1139,31 @@ def balance_table(
 # --------------------------------------------------------------------------
 
 
-def time_to_first_200(spec: ServerSpec, args: argparse.Namespace, i: int) -> float:
+@dataclass(frozen=True)
+class Variant:
+    """A server of the startup and memory modes: with or without ``--preload``."""
+
+    spec: ServerSpec
+    preload: bool
+
+    @property
+    def label(self) -> str:
+        return self.spec.name + (" --preload" if self.preload else "")
+
+    @property
+    def tag(self) -> str:
+        return "preload" if self.preload else "plain"
+
+
+def variants(names: list[str]) -> list[Variant]:
+    return [Variant(SERVERS[name], preload) for name in names for preload in (False, True)]
+
+
+def time_to_first_200(v: Variant, args: argparse.Namespace, i: int) -> float:
+    """Seconds from just before the spawn to the first 200 of ``GET /pid``."""
     port = free_port()
-    argv = server_command(spec, "cpu", port, args.workers, preload=True)
-    server = Server(spec, argv, port, f"startup{i}")
+    argv = server_command(v.spec, "cpu", port, args.workers, v.preload)
+    server = Server(v.spec, argv, port, f"startup-{v.tag}-{i}")
     try:
         t0 = time.monotonic()
         try:
@@ -1052,31 +1184,47 @@ def wait_workers(leader: int, count: int, deadline: float) -> list[int]:
         time.sleep(0.01)
 
 
-def measure_respawns(srv: Server, args: argparse.Namespace) -> list[dict[str, float | None]]:
-    out: list[dict[str, float | None]] = []
-    for i in range(args.respawns):
-        kids = wait_workers(srv.pid, args.workers, time.monotonic() + 10)
-        if not kids:
-            raise ServerFailed("no worker processes found")
-        time.sleep(0.2)
+def serving_workers(srv: Server, v: Variant, count: int) -> list[int]:
+    """The worker pids of a ready server, once all ``count`` run; ServerFailed otherwise."""
+    kids = wait_workers(srv.pid, count, time.monotonic() + 10)
+    check_template(v.spec, srv.pid, v.preload)
+    if len(kids) < count:
+        raise ServerFailed(f"{len(kids)} of {count} worker processes found")
+    return kids
+
+
+def measure_respawn(v: Variant, args: argparse.Namespace, i: int) -> dict[str, float | None]:
+    """SIGKILL one worker of a fresh server and time its replacement.
+
+    A fresh server per kill: each kill is a lone crash. Kills in a row on one
+    server would measure forkserve's restart back-off instead (crashes that
+    repeat within 10 s wait 0.1 s, then 0.2 s, ... up to 5 s).
+    """
+    with running_server(
+        v.spec,
+        "cpu",
+        args.workers,
+        f"respawn-{v.tag}",
+        args.ready_timeout,
+        preload=v.preload,
+        ready_path="/pid",
+    ) as srv:
+        kids = serving_workers(srv, v, args.workers)
+        time.sleep(0.3)  # every worker booted, not just the one that answered
         victim = kids[i % len(kids)]
-        before = set(kids)
+        before = set(worker_pids(srv.pid))
         t0 = time.monotonic()
         deadline = t0 + args.ready_timeout
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
+        os.kill(victim, signal.SIGKILL)
         t_pid = t_ok = t_new = None
         new: set[int] = set()
         while time.monotonic() < deadline:
-            now_kids = set(worker_pids(srv.pid))
             if t_pid is None:
-                new = now_kids - before
+                new = set(worker_pids(srv.pid)) - before
                 if new:
                     t_pid = time.monotonic() - t0
                 else:
-                    time.sleep(0.002)
+                    time.sleep(0.001)
                     continue
             status, body = http_get(srv.port, "/pid", timeout=1.0)
             if status == 200:
@@ -1086,69 +1234,307 @@ def measure_respawns(srv: Server, args: argparse.Namespace) -> list[dict[str, fl
                     t_new = time.monotonic() - t0
                     break
             else:
-                time.sleep(0.002)
-        out.append({"new_pid_s": t_pid, "serving_s": t_ok, "new_worker_served_s": t_new})
-    return out
+                time.sleep(0.001)
+    return {"new_pid_s": t_pid, "serving_s": t_ok, "new_worker_served_s": t_new}
 
 
 def run_startup(args: argparse.Namespace, report: dict[str, Any]) -> None:
-    results: list[dict[str, Any]] = []
+    """Cold starts, then lone-crash respawns; variants interleaved within each repetition."""
+    vs = variants(args.startup_servers)
+    entries: dict[str, dict[str, Any]] = {
+        v.label: {
+            "server": v.spec.name,
+            "preload": v.preload,
+            "first_200_s": [],
+            "respawns": [],
+            "ok": True,
+        }
+        for v in vs
+    }
+    rng = random.Random(args.seed)
+
+    def attempt(v: Variant, what: str, run: Callable[[], Any], into: str) -> None:
+        entry = entries[v.label]
+        if not entry["ok"]:
+            return
+        try:
+            entry[into].append(run())
+        except ServerFailed as exc:
+            entry |= {"ok": False, "error": f"{what}: {exc}"}
+            log(f"  startup {v.label:32} {what}: {str(exc)[:90]}")
+
     try:
-        for name in args.startup_servers:
-            spec = SERVERS[name]
-            entry: dict[str, Any] = {"server": name, "preload": True}
-            times: list[float] = []
-            try:
-                for i in range(args.startup_runs):
-                    times.append(time_to_first_200(spec, args, i))
-                entry["first_200_s"] = times
-                with running_server(
-                    spec,
-                    "cpu",
-                    args.workers,
-                    "respawn",
-                    args.ready_timeout,
-                    preload=True,
-                    ready_path="/pid",
-                ) as srv:
-                    entry["respawns"] = measure_respawns(srv, args)
-                entry["ok"] = True
-            except ServerFailed as exc:
-                entry["first_200_s"] = times
-                entry |= {"ok": False, "error": f"failed to start: {exc}"}
-            results.append(entry)
+        for i in range(args.startup_runs):
+            order = list(vs)
+            rng.shuffle(order)
+            for v in order:
+                attempt(v, "start", functools.partial(time_to_first_200, v, args, i), "first_200_s")
+        for v in vs:
             log(
-                f"  startup {name:22} first 200 median "
-                f"{fmt(ms(med(times)))} ms" + ("" if entry["ok"] else f"  {entry['error'][:90]}")
+                f"  startup {v.label:32} first 200 median "
+                f"{fmt(ms(med(entries[v.label]['first_200_s'])))} ms"
+            )
+        for i in range(args.respawns):
+            order = list(vs)
+            rng.shuffle(order)
+            for v in order:
+                attempt(v, "respawn", functools.partial(measure_respawn, v, args, i), "respawns")
+        for v in vs:
+            rs = entries[v.label]["respawns"]
+            log(
+                f"  startup {v.label:32} kill -> 200 from the new worker median "
+                f"{fmt(ms(med([r['new_worker_served_s'] for r in rs])))} ms"
             )
     finally:
+        results = list(entries.values())
         report["startup"] = results
         report.setdefault("tables", {})["startup"] = startup_table(results, args)
 
 
 def startup_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        f"Startup (--preload, {args.workers} workers; {args.startup_runs} starts, "
-        f"{args.respawns} worker kills; medians, ms)",
+        f"Startup ({args.workers} workers; {args.startup_runs} starts and {args.respawns} "
+        "worker kills per line, each kill on a fresh server; medians, ms)",
         "",
-        "| server | start -> first 200 | min..max | kill -> new pid | kill -> new pid and a 200 "
-        "| kill -> 200 from the new worker |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| server | preload | start -> first 200 | min..max | kill -> new pid "
+        "| kill -> new pid and a 200 | kill -> 200 from the new worker |",
+        "|---|---|--:|--:|--:|--:|--:|",
     ]
     for e in results:
         t = e.get("first_200_s") or []
-        if not e["ok"] and not t:
-            lines.append(f"| {e['server']} | failed to start | | | | |")
+        head = f"| {e['server']} | {'yes' if e['preload'] else 'no'} "
+        if not t:
+            lines.append(head + "| failed to start | | | | |")
             continue
         rs = e.get("respawns") or []
         lines.append(
-            f"| {e['server']} | {fmt(ms(med(t)))} "
-            f"| {fmt(ms(min(t) if t else None))}..{fmt(ms(max(t) if t else None))} "
+            head + f"| {fmt(ms(med(t)))} "
+            f"| {fmt(ms(min(t)))}..{fmt(ms(max(t)))} "
             f"| {fmt(ms(med([r['new_pid_s'] for r in rs])))} "
             f"| {fmt(ms(med([r['serving_s'] for r in rs])))} "
             f"| {fmt(ms(med([r['new_worker_served_s'] for r in rs])))} |"
         )
-    notes = [f"- {e['server']}: {e['error']}" for e in results if not e["ok"]]
+    notes = [
+        f"- {e['server']}{' --preload' if e['preload'] else ''}: {e['error']}"
+        for e in results
+        if not e["ok"]
+    ]
+    if notes:
+        lines += ["", "Failures:", *notes]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Memory mode
+# --------------------------------------------------------------------------
+
+MEMORY_APP = "memory_wsgi"
+MEMORY_APP_SOURCE = '''\
+"""Written by scripts/bench.py for its --memory mode (regenerated on every run).
+
+At import, about BENCH_BALLAST_MIB MiB of long-lived Python objects (dicts,
+lists, strings), as an app's modules, caches and tables would be: with
+--preload they are loaded once and shared copy-on-write by the workers.
+GET / answers the worker's pid. GET /gc runs a full gc.collect(), waits
+50 ms (so that concurrent requests reach other workers) and answers
+"<pid> <gc.get_freeze_count()>".
+"""
+
+import gc
+import os
+import time
+
+ENTRY_BYTES = 390  # one dict, one str, one 2-item list and two ints (tracemalloc)
+COUNT = int(float(os.environ.get("BENCH_BALLAST_MIB", "0")) * 1048576 / ENTRY_BYTES)
+BALLAST = [{"id": i, "name": f"item-{i:08d}", "tags": [i, -i]} for i in range(COUNT)]
+
+
+def app(environ, start_response):
+    body = str(os.getpid())
+    if environ.get("PATH_INFO") == "/gc":
+        gc.collect()
+        time.sleep(0.05)
+        body += f" {gc.get_freeze_count()}"
+    data = body.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+'''
+
+
+def write_memory_app() -> None:
+    GEN_APPS_DIR.mkdir(parents=True, exist_ok=True)
+    path = GEN_APPS_DIR / f"{MEMORY_APP}.py"
+    if not path.exists() or path.read_text() != MEMORY_APP_SOURCE:
+        path.write_text(MEMORY_APP_SOURCE)
+
+
+def collect_in_workers(srv: Server, workers: list[int], deadline_s: float) -> dict[int, int]:
+    """``GET /gc`` until every worker ran a full collection; pid -> its frozen objects."""
+    frozen: dict[int, int] = {}
+    deadline = time.monotonic() + deadline_s
+    burst = len(workers) * (GTHREADS + 1)  # enough to keep a threaded worker's pool busy
+    with ThreadPoolExecutor(max_workers=burst) as pool:
+        while not set(workers) <= set(frozen) and time.monotonic() < deadline:
+            answers = list(pool.map(lambda _: http_get(srv.port, "/gc", 5.0), range(burst)))
+            for status, body in answers:
+                parts = body.split()
+                if status == 200 and len(parts) == 2 and parts[0].isdigit():
+                    frozen[int(parts[0])] = int(parts[1])
+    return frozen
+
+
+def memory_run(v: Variant, ballast_mib: float, args: argparse.Namespace) -> dict[str, Any]:
+    """One fresh server: memory after a warm-up, then after a full collection in each worker."""
+    env = {"BENCH_BALLAST_MIB": str(ballast_mib)}
+    tag = f"memory-{v.tag}-{ballast_mib:g}"
+    with running_server(
+        v.spec, "memory", args.workers, tag, args.ready_timeout, preload=v.preload, env=env
+    ) as srv:
+        kids = serving_workers(srv, v, args.workers)
+        counts, failed, _ = balance_client(
+            srv.port, args.memory_requests, 2 * args.workers, args.balance_deadline, False
+        )
+        time.sleep(0.5)
+        before = measure_memory(srv.pid)
+        frozen = collect_in_workers(srv, kids, 15.0)
+        time.sleep(0.3)
+        after = {pid: smaps_rollup(pid).uss for pid in kids if pid in frozen}
+    return {
+        "answered": sum(counts.values()),
+        "failed": failed,
+        "memory": before.summary(),
+        "uss_after_gc_mib": statistics.mean(after.values()) / 1024.0 if after else None,
+        "collected_in": len(after),
+        "frozen_objects": med([float(n) for n in frozen.values()]),
+    }
+
+
+def run_memory(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    write_memory_app()
+    vs = variants(args.memory_servers)
+    cases = [(v, b) for v in vs for b in sorted({0.0, args.ballast_mib})]
+    rows: list[dict[str, Any]] = []
+    rng = random.Random(args.seed)
+    try:
+        for rnd in range(1, args.rounds + 1):
+            order = list(cases)
+            rng.shuffle(order)
+            log(f"memory round {rnd}/{args.rounds}")
+            for v, ballast in order:
+                base = {
+                    "round": rnd,
+                    "server": v.spec.name,
+                    "preload": v.preload,
+                    "ballast_mib": ballast,
+                }
+                try:
+                    row = base | {"ok": True} | memory_run(v, ballast, args)
+                except ServerFailed as exc:
+                    row = base | {"ok": False, "error": str(exc)}
+                    log(f"  memory {v.label:32} ballast {ballast:g}: {str(exc)[:90]}")
+                else:
+                    mem = row["memory"]
+                    log(
+                        f"  memory {v.label:32} ballast {ballast:4g} MiB: RSS "
+                        f"{fmt(mem['per_worker_mib'])} PSS {fmt(mem['pss_per_worker_mib'])} "
+                        f"USS {fmt(mem['uss_per_worker_mib'])} -> after gc "
+                        f"{fmt(row['uss_after_gc_mib'])} MiB per worker"
+                    )
+                rows.append(row)
+    finally:
+        summary = memory_summary(rows, cases)
+        report["memory"] = {"rows": rows, "summary": summary}
+        report.setdefault("tables", {})["memory"] = memory_table(summary, args)
+
+
+def memory_summary(
+    rows: list[dict[str, Any]], cases: list[tuple[Variant, float]]
+) -> list[dict[str, Any]]:
+    out = []
+    for v, ballast in cases:
+        mine = [
+            r
+            for r in rows
+            if r["server"] == v.spec.name
+            and r["preload"] == v.preload
+            and r["ballast_mib"] == ballast
+        ]
+        good = [r for r in mine if r["ok"]]
+        mems = [r["memory"] for r in good]
+        out.append(
+            {
+                "server": v.spec.name,
+                "preload": v.preload,
+                "ballast_mib": ballast,
+                "rounds_ok": len(good),
+                "rounds": len(mine),
+                "failure": next((r["error"] for r in mine if not r["ok"]), ""),
+                "rss_worker_mib": med([m["per_worker_mib"] for m in mems]),
+                "pss_worker_mib": med([m["pss_per_worker_mib"] for m in mems]),
+                "uss_worker_mib": med([m["uss_per_worker_mib"] for m in mems]),
+                "uss_after_gc_mib": med([r["uss_after_gc_mib"] for r in good]),
+                "leader_rss_mib": med([m["leader_rss_kib"] / 1024.0 for m in mems]),
+                "pss_total_mib": med([m["total_pss_kib"] / 1024.0 for m in mems]),
+                "frozen_objects": med([r["frozen_objects"] for r in good]),
+            }
+        )
+    return out
+
+
+def memory_table(summary: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"Memory ({args.workers} workers; medians over {args.rounds} rounds of the mean over "
+        f"workers, MiB; after {args.memory_requests} requests; ballast: MiB of long-lived "
+        "objects the app creates at import)",
+        "",
+        "| server | preload | ballast | RSS/worker | PSS/worker | USS/worker "
+        "| USS/worker after gc.collect() | primary RSS | PSS total | frozen objects |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for s in summary:
+        head = f"| {s['server']} | {'yes' if s['preload'] else 'no'} | {s['ballast_mib']:g} "
+        if not s["rounds_ok"]:
+            lines.append(head + "| failed | | | | | | |")
+            continue
+        lines.append(
+            head + f"| {fmt(s['rss_worker_mib'])} | {fmt(s['pss_worker_mib'])} "
+            f"| {fmt(s['uss_worker_mib'])} | {fmt(s['uss_after_gc_mib'])} "
+            f"| {fmt(s['leader_rss_mib'])} | {fmt(s['pss_total_mib'])} "
+            f"| {fmt(s['frozen_objects'], '.0f')} |"
+        )
+    by_key = {(s["server"], s["preload"], s["ballast_mib"]): s for s in summary}
+    ratio_lines = []
+    for cand, base in MEMORY_COMPARISONS:
+        for (name, preload, ballast), s in by_key.items():
+            b = by_key.get((base, preload, ballast))
+            if name != cand or b is None:
+                continue
+
+            def ratio(key: str, s: dict[str, Any] = s, b: dict[str, Any] = b) -> str:
+                x, y = s.get(key), b.get(key)
+                return fmt(x / y, ".2f") if x is not None and y else "n/a"
+
+            ratio_lines.append(
+                f"| {cand} | {base} | {'yes' if preload else 'no'} | {ballast:g} "
+                f"| {ratio('rss_worker_mib')} | {ratio('pss_worker_mib')} "
+                f"| {ratio('uss_worker_mib')} | {ratio('uss_after_gc_mib')} |"
+            )
+    if ratio_lines:
+        lines += [
+            "",
+            "Ratios (candidate / baseline, < 1 is less memory):",
+            "",
+            "| candidate | baseline | preload | ballast | RSS/worker | PSS/worker | USS/worker "
+            "| USS after gc |",
+            "|---|---|---|--:|--:|--:|--:|--:|",
+            *ratio_lines,
+        ]
+    notes = [
+        f"- {s['server']}{' --preload' if s['preload'] else ''} ballast {s['ballast_mib']:g}: "
+        f"{s['failure']}"
+        for s in summary
+        if s["failure"]
+    ]
     if notes:
         lines += ["", "Failures:", *notes]
     return "\n".join(lines)
@@ -1208,8 +1594,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--balance-deadline", type=float, default=60.0, help="seconds per server")
     p.add_argument("--startup", action="store_true", help="run the startup/respawn mode")
-    p.add_argument("--startup-runs", type=int, default=20)
-    p.add_argument("--respawns", type=int, default=10, help="worker kills per server")
+    p.add_argument("--startup-runs", type=int, default=20, help="cold starts per server")
+    p.add_argument(
+        "--respawns", type=int, default=20, help="worker kills per server (a fresh server each)"
+    )
+    p.add_argument("--memory", action="store_true", help="run the memory mode")
+    p.add_argument(
+        "--ballast-mib",
+        type=float,
+        default=32.0,
+        help="MiB of long-lived objects the memory app creates at import (0 turns it off)",
+    )
+    p.add_argument(
+        "--memory-requests", type=int, default=1000, help="warm-up requests before measuring"
+    )
     p.add_argument(
         "--reinstall-forkserve",
         action="store_true",
@@ -1238,10 +1636,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     wsgi_only = [s for s in args.servers if SERVERS[s].interface == "wsgi"]
     args.balance_servers = wsgi_only if explicit_servers else list(BALANCE_SERVERS)
     args.startup_servers = wsgi_only if explicit_servers else list(STARTUP_SERVERS)
+    args.memory_servers = wsgi_only if explicit_servers else list(MEMORY_SERVERS)
     if args.quick:
         args.startup_runs = min(args.startup_runs, 5)
         args.respawns = min(args.respawns, 3)
         args.balance_requests = min(args.balance_requests, 1000)
+        args.memory_requests = min(args.memory_requests, 300)
     return args
 
 
@@ -1275,6 +1675,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     try:
         ensure_venv(args.reinstall_forkserve)
+        compile_forkserve()
         wrk = ensure_wrk()
         report["environment"] = {
             "python": platform.python_version(),
@@ -1292,12 +1693,14 @@ def main(argv: list[str] | None = None) -> int:
             + f"; {report['environment']['wrk']}; {report['environment']['cpus']} cpus",
         ]
         print("\n".join(header), flush=True)
-        if not args.balance and not args.startup:
+        if not args.balance and not args.startup and not args.memory:
             run_throughput(args, wrk, report)
         if args.balance:
             run_balance(args, report)
         if args.startup:
             run_startup(args, report)
+        if args.memory:
+            run_memory(args, report)
     except (KeyboardInterrupt, Interrupted):
         log("interrupted; stopping servers")
         status = 130

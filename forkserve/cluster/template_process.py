@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -51,6 +50,8 @@ Prepare = Callable[[], Mapping[str, Any] | None]
 
 def prctl(option: int, value: int) -> None:
     """``prctl(2)`` with one argument; raises OSError."""
+    import ctypes  # here: not worth its memory in every worker that never calls it
+
     libc = ctypes.CDLL(None, use_errno=True)
     zero = ctypes.c_ulong(0)
     if libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero) != 0:
