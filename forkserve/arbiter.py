@@ -35,7 +35,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forkserve import __version__, cluster, log, systemd, upgrade
 from forkserve.apploader import detect_interface, load_app
@@ -52,7 +52,6 @@ from forkserve.process import (
     zombie_children,
 )
 from forkserve.reconfigure import fixed_settings, reconfigure
-from forkserve.reloader import Reloader, reload_roots
 from forkserve.restart import Action, ExitFacts, decide
 from forkserve.scoreboard import SLOT_ENV
 from forkserve.sockets import BoundSocket, describe
@@ -63,7 +62,11 @@ from forkserve.workers.base import (
     RECYCLE_MESSAGE,
     app_spec,
     boot,
+    pick_worker_class,
 )
+
+if TYPE_CHECKING:
+    from forkserve.reloader import Reloader
 
 LOG = logging.getLogger("forkserve.arbiter")
 
@@ -267,6 +270,8 @@ class Arbiter:
         date = DateCache()
         primary.keep_handles = True  # the pool refills: waiting connections outlive it
         primary.wait_for_data = float(config.header_timeout)
+        # Idle keep-alive connections sync workers give back (see workers.sync).
+        primary.park_timeout = float(config.keepalive)
         primary.on_overflow = lambda conn: answer_and_close(
             conn, error_response(503, "server busy; try again shortly", date)
         )
@@ -774,6 +779,7 @@ class Arbiter:
         set_title(f"forkserve: template [{config.proc_name or config.app}]")
         self.app = load_app(app_spec(config), factory=config.factory, pythonpath=config.pythonpath)
         interface = detect_interface(self.app, config.interface)
+        _import_for_workers(config, interface)
         # Objects loaded so far stay shared: refcount updates would copy their pages.
         gc.freeze()
         return {"interface": interface}
@@ -992,6 +998,10 @@ class Arbiter:
 
     def start_reloader(self, loop: asyncio.AbstractEventLoop) -> None:
         """Watch the app's files (see ``forkserve.reloader``); a change is a HUP."""
+        # --reload only: imported here so that workers, forked from the
+        # primary, do not inherit it.
+        from forkserve.reloader import Reloader, reload_roots
+
         roots = reload_roots(os.getcwd(), self.config.pythonpath)
         try:
             self.reloader = Reloader(
@@ -1031,6 +1041,25 @@ def head_limit(config: Config) -> int:
     fields = int(config.limit_request_fields) or 32768
     size = int(config.limit_request_field_size) or 8190
     return min(line + 2 + fields * (size + 2) + 2, HEAD_BUFFER_MAX)
+
+
+def _import_for_workers(config: Config, interface: str) -> None:
+    """In the template: import what each worker forked from it would import
+    on its own (its class, the parser): once, shared, and not on the path
+    from a fork to serving. Best effort: a worker reports what fails."""
+    import importlib
+
+    from forkserve.workers import load_worker_class
+
+    try:
+        name = str(config.worker_class)
+        if name == "auto":
+            name = pick_worker_class(config, interface)
+        load_worker_class(name)
+        if interface != "asgi" and str(config.http) in ("auto", "httptools"):
+            importlib.import_module("httptools")
+    except (ImportError, ValueError, ForkserveError):
+        pass
 
 
 def head_complete_within(limit: int) -> Callable[[bytes], bool | None]:

@@ -32,12 +32,17 @@ from . import address as addr_mod
 from .address import describe_target
 from .events import EventEmitter
 from .ipc import (
+    PARKED,
+    REFUSED,
     SERIALIZATIONS,
+    TAKEN,
     Channel,
     ChannelClosed,
     Kind,
+    pack_taken,
     send_user,
     socket_from_fd,
+    unpack_handoff,
 )
 from .listener import Listener
 from .worker_object import State, Worker, signal_number
@@ -161,6 +166,9 @@ class Child(EventEmitter):
         return self.connected
 
     def _dispatch(self, kind: Kind, body: Any, fds: tuple[int, ...]) -> None:
+        if kind is Kind.CONN:
+            self._take_conn(body, fds)
+            return
         if kind is not Kind.INTERNAL:
             handle = socket_from_fd(fds[0]) if fds else None
             for extra in fds[1:]:
@@ -182,25 +190,28 @@ class Child(EventEmitter):
             for fd in fds:
                 os.close(fd)
 
-    def _act_newconn(self, body: dict[str, Any], fds: tuple[int, ...]) -> None:
-        if not fds:
+    def _take_conn(self, payload: bytes, fds: tuple[int, ...]) -> None:
+        """A round-robin connection handed over by the primary."""
+        try:
+            key, token, accepted_at, data = unpack_handoff(payload)
+        except ValueError:
+            key = ""
+        if len(fds) != 1 or not key:
+            for fd in fds:
+                os.close(fd)
             return
         conn = socket_from_fd(fds[0])
-        listener = self._listeners.get(body["key"])
+        listener = self._listeners.get(key)
         if listener is None or listener.closed:
             conn.close()
-            self.ack(body["key"], body["seq"], accepted=False)
+            self.ack(key, token, accepted=False)
             return
-        data = body.get("data")
-        listener._deliver(
-            conn, body["seq"], data.encode("latin-1") if data else b"", body.get("at")
-        )
+        listener._deliver(conn, token, data, accepted_at or None)
 
     def _act_disconnect(self, body: dict[str, Any], fds: tuple[int, ...]) -> None:
         self._disconnect(primary_initiated=True)
 
     _ACTS: dict[str, Callable[[Child, dict[str, Any], tuple[int, ...]], None]] = {
-        "newconn": _act_newconn,
         "disconnect": _act_disconnect,
     }
 
@@ -271,7 +282,21 @@ class Child(EventEmitter):
     def ack(self, key: str, token: int, accepted: bool) -> None:
         """Tell the primary a round-robin connection was taken (or refused)."""
         if self.connected:
-            self._send_internal({"act": "accepted", "key": key, "seq": token, "accepted": accepted})
+            self.channel.send(Kind.CONN, pack_taken([(key, token, TAKEN if accepted else REFUSED)]))
+
+    def park(self, key: str, conn: socket.socket) -> bool:
+        """Give an idle round-robin connection back to the primary.
+
+        The primary watches it and hands it to the next free worker once the
+        client sends again. The channel sends a copy of the descriptor: the
+        caller closes ``conn`` as usual, without shutting it down.
+        """
+        if not self.connected:
+            return False
+        copy = _OwnedFd(os.dup(conn.fileno()))
+        return self.channel.send(
+            Kind.CONN, pack_taken([(key, 0, PARKED)]), (copy.fd,), close_after=(copy,)
+        )
 
     def worker_send(
         self, worker: Worker, message: Any, handle: Any, callback: Any, keep_open: bool
@@ -518,3 +543,15 @@ def from_environment(environ: dict[str, str] | Any = None) -> Child:
         ) from None
     sock.set_inheritable(False)
     return Child(worker_id, sock, serialization)
+
+
+class _OwnedFd:
+    """A descriptor the channel closes once it has been sent."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)

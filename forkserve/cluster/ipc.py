@@ -9,12 +9,14 @@ A channel is one end of a Unix stream socketpair. Messages travel as frames::
     | 4 bytes, BE    | 1 byte | 1 byte | length bytes    |
     +----------------+--------+--------+-----------------+
 
-``kind`` tells internal cluster messages (always JSON) apart from user
-messages (JSON or pickle, by the ``serialization`` setting), so internal
-traffic never reaches ``'message'`` handlers. File descriptors ride as
-SCM_RIGHTS ancillary data on the ``sendmsg`` that carries the first byte of
-their frame; the kernel delivers them no later than that byte, so the reader
-keeps a FIFO of received descriptors and gives each completed frame the
+``kind`` tells internal cluster messages apart from user messages (JSON or
+pickle, by the ``serialization`` setting), so internal traffic never reaches
+``'message'`` handlers. Internal messages are JSON, but for the round-robin
+hand-off, which happens once per connection: a ``CONN`` frame has a fixed
+binary layout (``pack_handoff``/``pack_taken``), no JSON to encode or parse.
+File descriptors ride as SCM_RIGHTS ancillary data on the ``sendmsg`` that
+carries the first byte of their frame; the kernel delivers them no later than
+that byte, so the reader keeps a FIFO of received descriptors and gives each completed frame the
 number its header announces.
 
 The channel itself never blocks the caller unless asked to: ``send`` queues a
@@ -53,6 +55,10 @@ class Kind(IntEnum):
     INTERNAL = 0
     JSON = 1
     PICKLE = 2
+    CONN = 3  # the round-robin hand-off: binary, see pack_handoff/pack_taken
+
+
+_KINDS = tuple(Kind)
 
 
 SERIALIZATIONS = {"json": Kind.JSON, "advanced": Kind.PICKLE}
@@ -69,7 +75,9 @@ class Frame:
 
 def encode(kind: Kind, body: Any, nfds: int = 0) -> bytes:
     """Serialize one frame. Raises TypeError for an object the kind cannot carry."""
-    if kind is Kind.PICKLE:
+    if kind is Kind.CONN:
+        payload = bytes(body)
+    elif kind is Kind.PICKLE:
         try:
             payload = pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
@@ -87,9 +95,71 @@ def encode(kind: Kind, body: Any, nfds: int = 0) -> bytes:
 
 
 def decode_body(kind: Kind, payload: bytes) -> Any:
+    if kind is Kind.CONN:
+        return payload
     if kind is Kind.PICKLE:
         return pickle.loads(payload)
     return json.loads(payload)
+
+
+# -- the round-robin hand-off (Kind.CONN) -----------------------------------
+#
+# Primary -> worker, one connection (its descriptor rides with the frame):
+#     token u64 | accepted-at f64 (time.monotonic()) | key length u16 | key | data
+# where ``data`` is what the primary already read from the connection.
+# Worker -> primary, one or more records:
+#     token u64 | state u8 | key length u16 | key
+# state: REFUSED or TAKEN (the connection ``token``), or PARKED: an idle
+# connection given back, its descriptor riding with the frame (one per
+# PARKED record, in order; ``token`` unused).
+REFUSED, TAKEN, PARKED = 0, 1, 2
+
+_HANDOFF = struct.Struct("!QdH")
+_TAKEN = struct.Struct("!QBH")
+
+
+def pack_handoff(key: str, token: int, accepted_at: float, data: bytes = b"") -> bytes:
+    raw = key.encode()
+    return _HANDOFF.pack(token, accepted_at, len(raw)) + raw + data
+
+
+def unpack_handoff(payload: bytes) -> tuple[str, int, float, bytes]:
+    """``(key, token, accepted_at, data)``; ValueError if malformed."""
+    try:
+        token, accepted_at, size = _HANDOFF.unpack_from(payload)
+    except struct.error as exc:
+        raise ValueError(f"malformed hand-off frame: {exc}") from None
+    start = _HANDOFF.size
+    if len(payload) < start + size:
+        raise ValueError("malformed hand-off frame: truncated key")
+    key = payload[start : start + size].decode()
+    return key, token, accepted_at, payload[start + size :]
+
+
+def pack_taken(records: list[tuple[str, int, int]]) -> bytes:
+    out = bytearray()
+    for key, token, state in records:
+        raw = key.encode()
+        out += _TAKEN.pack(token, state, len(raw))
+        out += raw
+    return bytes(out)
+
+
+def unpack_taken(payload: bytes) -> list[tuple[str, int, int]]:
+    """``[(key, token, state), ...]``; ValueError if malformed."""
+    out = []
+    pos = 0
+    while pos < len(payload):
+        try:
+            token, state, size = _TAKEN.unpack_from(payload, pos)
+        except struct.error as exc:
+            raise ValueError(f"malformed taken frame: {exc}") from None
+        pos += _TAKEN.size
+        if len(payload) < pos + size or state > PARKED:
+            raise ValueError("malformed taken frame")
+        out.append((payload[pos : pos + size].decode(), token, state))
+        pos += size
+    return out
 
 
 class FrameDecoder:
@@ -116,7 +186,10 @@ class FrameDecoder:
                 raise ValueError("frame announces more descriptors than were received")
             fds = tuple(self._fds.popleft() for _ in range(nfds))
             payload = bytes(buf[pos + HEADER.size : end])
-            out.append(Frame(Kind(kind), decode_body(Kind(kind), payload), fds))
+            if kind >= len(_KINDS):
+                raise ValueError(f"unknown frame kind {kind}")
+            kind = _KINDS[kind]
+            out.append(Frame(kind, decode_body(kind, payload), fds))
             pos = end
         if pos:
             del buf[:pos]

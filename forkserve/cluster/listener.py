@@ -261,6 +261,34 @@ class Listener:
 
     # -- round robin (called by the child role) -----------------------------
 
+    def waiting(self) -> int:
+        """Round robin: connections handed to this worker and not yet taken.
+
+        Reads the cluster channel first (without blocking). Under round robin
+        a worker is handed a connection only while the primary has one
+        waiting, so this tells a worker whether others are waiting for it.
+        """
+        if self.mode != "rr" or self.closed:
+            return 0
+        if self._child is not None:
+            self._child.poll()
+        return len(self._queue)
+
+    def park(self, conn: socket.socket) -> bool:
+        """Round robin: give an idle connection back to the primary.
+
+        For a server that serves one connection at a time: instead of closing
+        a keep-alive connection with nothing more to read, it hands it back;
+        the primary watches it (closing it after its ``park_timeout``) and
+        hands it to the next free worker once the client sends again. The
+        caller still closes its ``conn`` (a plain close, no shutdown). False
+        if the connection cannot be parked (not round robin, closed): close
+        it as usual.
+        """
+        if self.mode != "rr" or self.closed or self._child is None or self.key is None:
+            return False
+        return self._child.park(self.key, conn)
+
     def _deliver(
         self, conn: socket.socket, token: int, data: bytes = b"", accepted: float | None = None
     ) -> None:

@@ -34,12 +34,16 @@ from typing import Any
 from . import address as addr_mod
 from .events import EventEmitter
 from .ipc import (
+    PARKED,
     SERIALIZATIONS,
+    TAKEN,
     Channel,
     Kind,
+    pack_handoff,
     send_user,
     socket_from_fd,
     socketpair,
+    unpack_taken,
 )
 from .listener import Listener
 from .round_robin import HeadComplete, OnExpired, OnOverflow, RoundRobinHandle, WaitStats
@@ -132,6 +136,9 @@ class Primary(EventEmitter):
         self.max_pending = 0
         self.wait_for_data = 0.0
         self.head_complete: HeadComplete | None = None
+        # Round robin: how long a connection a worker gave back (parked) may
+        # stay idle in the primary before it is closed.
+        self.park_timeout = 0.0
         self.on_overflow: OnOverflow | None = None
         self.on_expired: OnExpired | None = None
         # A round-robin handle whose last worker leaves keeps its socket and
@@ -301,6 +308,9 @@ class Primary(EventEmitter):
             self._on_disconnect(worker)
 
     def _dispatch(self, worker: Worker, kind: Kind, body: Any, fds: tuple[int, ...]) -> None:
+        if kind is Kind.CONN:
+            self._on_taken(worker, body, fds)
+            return
         if kind is Kind.INTERNAL:
             act = self._ACTS.get(body.get("act"))
             if act is not None:
@@ -313,6 +323,28 @@ class Primary(EventEmitter):
             _close_quietly(fd)
         worker.emit("message", body, handle)
         self.emit("message", worker, body, handle)
+
+    def _on_taken(self, worker: Worker, payload: bytes, fds: tuple[int, ...]) -> None:
+        """Round-robin connections a worker took, refused or gave back (parked)."""
+        try:
+            records = unpack_taken(payload)
+        except ValueError:
+            records = []
+        spare = list(fds)
+        for key, token, state in records:
+            rr = self._handles.get(key)
+            if state == PARKED:
+                if not spare:
+                    break
+                conn = socket_from_fd(spare.pop(0))
+                if isinstance(rr, RoundRobinHandle):
+                    rr.park(conn)
+                else:
+                    conn.close()
+            elif isinstance(rr, RoundRobinHandle):
+                rr.ack(worker.id, token, state == TAKEN)
+        for fd in spare:
+            _close_quietly(fd)
 
     def _send_internal(
         self, worker: Worker, body: dict[str, Any], handles: tuple[Any, ...] = ()
@@ -364,6 +396,7 @@ class Primary(EventEmitter):
                 self.max_pending,
                 wait_for_data=self.wait_for_data,
                 head_complete=self.head_complete,
+                park_timeout=self.park_timeout,
                 on_overflow=self.on_overflow,
                 on_expired=self.on_expired,
                 wait=self.rr_wait,
@@ -383,14 +416,9 @@ class Primary(EventEmitter):
         record = self._records.get(worker_id)
         if worker is None or record is None or not record.channel.connected:
             return False
-        body: dict[str, Any] = {"act": "newconn", "key": key, "seq": token}
-        if accepted:
-            body["at"] = accepted  # time.monotonic(): the worker tells how long it waited
-        if data:
-            # Bytes the primary already read from the connection. latin-1 maps
-            # each byte to one code point: ASCII stays one byte in the JSON frame.
-            body["data"] = data.decode("latin-1")
-        return record.channel.send(Kind.INTERNAL, body, (conn,))
+        # ``accepted``: time.monotonic(), the worker tells how long it waited;
+        # ``data``: bytes the primary already read from the connection.
+        return record.channel.send(Kind.CONN, pack_handoff(key, token, accepted, data), (conn,))
 
     def _act_listening(self, worker: Worker, body: dict[str, Any]) -> None:
         info = {
@@ -414,11 +442,6 @@ class Primary(EventEmitter):
             return handle.remove(worker.id, keep=self.keep_handles and not self._disconnecting)
         return handle.remove(worker.id)
 
-    def _act_accepted(self, worker: Worker, body: dict[str, Any]) -> None:
-        handle = self._handles.get(body.get("key", ""))
-        if handle is not None:
-            handle.ack(worker.id, int(body["seq"]), bool(body.get("accepted")))
-
     def _act_exited_after_disconnect(self, worker: Worker, body: dict[str, Any]) -> None:
         worker.exited_after_disconnect = True
         self._send_internal(worker, {"ack": body.get("seq")})
@@ -428,7 +451,6 @@ class Primary(EventEmitter):
         "queryServer": _act_query_server,
         "listening": _act_listening,
         "close": _act_close,
-        "accepted": _act_accepted,
         "exitedAfterDisconnect": _act_exited_after_disconnect,
     }
 

@@ -212,15 +212,19 @@ OnExpired = Callable[[socket.socket, bytes], None]
 
 # Bytes read from a watched connection per readiness event.
 READ_CHUNK = 16384
+# recv() flags as plain ints: or-ing the enum members costs on every call.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_READ_NOW = int(socket.MSG_DONTWAIT)
 
 
 @dataclass(slots=True)
 class _Watch:
     """A connection the primary holds until it is readable (or its head is in)."""
 
-    accepted: float = 0.0  # time.monotonic() at accept
+    accepted: float = 0.0  # time.monotonic() at accept (or at park)
     buffer: bytearray = field(default_factory=bytearray)
     timer: asyncio.TimerHandle | None = None
+    parked: bool = False  # given back idle by a worker
 
 
 def _close(conn: socket.socket) -> None:
@@ -248,6 +252,7 @@ class RoundRobinHandle:
         on_overflow: OnOverflow | None = None,
         on_expired: OnExpired | None = None,
         wait: WaitStats | None = None,
+        park_timeout: float = 0.0,
     ) -> None:
         self.key = key
         self.sock = sock
@@ -258,6 +263,7 @@ class RoundRobinHandle:
         self.head_complete = head_complete
         self.on_overflow = on_overflow
         self.on_expired = on_expired
+        self.park_timeout = park_timeout
         self.watching: dict[socket.socket, _Watch] = {}
         # Bytes already read from a queued or in-flight connection: they go with it.
         self._data: dict[socket.socket, bytes] = {}
@@ -326,10 +332,17 @@ class RoundRobinHandle:
                 # ECONNABORTED and friends: the client left before we took it.
                 continue
             now = time.monotonic()
-            if self._watches:
-                self._watch(conn, now)
-            else:
+            if not self._watches:
                 self._admit(conn, b"", now)
+                continue
+            # Under load the client's bytes are usually there already: look
+            # once before paying for a watch (a reader and a timer).
+            watch = _Watch(accepted=now)
+            verdict = self._look(conn, watch)
+            if verdict is None:
+                self._watch(conn, watch)
+            else:
+                self._settle(conn, watch, verdict)
         self._update_reading()
 
     def _admit(self, conn: socket.socket, data: bytes, accepted: float) -> None:
@@ -347,16 +360,15 @@ class RoundRobinHandle:
 
     # -- watching (wait_for_data, head_complete) ------------------------------------
 
-    def _watch(self, conn: socket.socket, accepted: float) -> None:
+    def _watch(self, conn: socket.socket, watch: _Watch) -> None:
         try:
-            conn.setblocking(False)
             self.loop.add_reader(conn.fileno(), self._on_conn_readable, conn)
         except (OSError, ValueError):
             _close(conn)
             return
-        watch = _Watch(accepted=accepted)
-        if self.wait_for_data > 0:
-            watch.timer = self.loop.call_later(self.wait_for_data, self._on_deadline, conn)
+        deadline = self.park_timeout if watch.parked else self.wait_for_data
+        if deadline > 0:
+            watch.timer = self.loop.call_later(deadline, self._on_deadline, conn)
         self.watching[conn] = watch
 
     def _unwatch(self, conn: socket.socket) -> _Watch | None:
@@ -371,45 +383,64 @@ class RoundRobinHandle:
             pass
         return watch
 
+    def park(self, conn: socket.socket) -> None:
+        """A worker gave back an idle connection: watch it like a new one.
+
+        Once the client sends again it joins the queue behind the
+        connections already waiting; idle for ``park_timeout`` seconds (or
+        at a stop), it is closed.
+        """
+        if self.closed or self.paused or self.park_timeout <= 0:
+            _close(conn)
+            return
+        watch = _Watch(accepted=time.monotonic(), parked=True)
+        verdict = self._look(conn, watch)
+        if verdict is None:
+            self._watch(conn, watch)
+        else:
+            self._settle(conn, watch, verdict)
+        self._update_reading()
+
+    def _look(self, conn: socket.socket, watch: _Watch) -> bool | None:
+        """Read what the connection has now: hand it off (True), close it
+        (False), or wait for more (None). Never blocks."""
+        try:
+            if self.head_complete is None:
+                # Peek: the worker reads the bytes itself; b"" means the client left.
+                chunk = conn.recv(1, _PEEK_NOW)
+            else:
+                chunk = conn.recv(READ_CHUNK, _READ_NOW)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return False
+        if self.head_complete is None:
+            return True
+        watch.buffer += chunk
+        try:
+            return self.head_complete(bytes(watch.buffer))
+        except Exception:
+            return False
+
+    def _settle(self, conn: socket.socket, watch: _Watch, verdict: bool) -> None:
+        if verdict:
+            self._admit(conn, bytes(watch.buffer), watch.accepted)
+        else:
+            _close(conn)
+
     def _on_conn_readable(self, conn: socket.socket) -> None:
         watch = self.watching.get(conn)
         if watch is None:
             return
-        verdict: bool | None
-        try:
-            if self.head_complete is None:
-                # Peek: the worker reads the bytes itself; b"" means the client left.
-                chunk = conn.recv(1, socket.MSG_PEEK)
-            else:
-                chunk = conn.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self._unwatch(conn)
-            _close(conn)
-            return
-        if self.head_complete is None:
-            verdict = True
-        else:
-            watch.buffer += chunk
-            try:
-                verdict = self.head_complete(bytes(watch.buffer))
-            except Exception:
-                verdict = False
+        verdict = self._look(conn, watch)
         if verdict is None:
             return
         self._unwatch(conn)
-        if not verdict:
-            _close(conn)
-            return
-        try:
-            conn.setblocking(True)
-        except OSError:
-            _close(conn)
-            return
-        self._admit(conn, bytes(watch.buffer), watch.accepted)
+        if watch.parked:
+            watch.accepted = time.monotonic()  # it waits from its next request on
+        self._settle(conn, watch, verdict)
         self._update_reading()
 
     def _on_deadline(self, conn: socket.socket) -> None:
@@ -442,6 +473,11 @@ class RoundRobinHandle:
         accepts on it (a new primary after an upgrade), or is reset at close.
         """
         self.paused = True
+        # Idle keep-alive connections given back by workers: nothing to finish.
+        for conn, watch in list(self.watching.items()):
+            if watch.parked:
+                self._unwatch(conn)
+                _close(conn)
         self._update_reading()
 
     def drop_held(self) -> int:

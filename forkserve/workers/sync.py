@@ -2,13 +2,17 @@
 
 The serve loop selects on the listeners (which also wake for cluster
 messages) and the signal wakeup pipe, takes one connection, and serves the
-requests the client has already sent (pipelining) before closing it: an idle
-keep-alive client never holds the worker. The request-head deadline keeps a
-slow client from holding it either.
+requests the client has already sent (pipelining). An idle keep-alive client
+never holds the worker: under ``--sched none`` the last response says
+``Connection: close``; under ``--sched rr`` the connection stays open and
+is *parked*: given back to the primary, which watches it and hands it to the
+next free worker when the client sends again (or closes it after
+``--keep-alive`` seconds idle). The request-head deadline keeps a slow client
+from holding the worker either.
 
-Works unchanged under both scheduling policies: under round robin,
-``Listener.accept()`` takes a connection the primary handed over and
-acknowledges it, which tells the primary this worker is free again.
+Under round robin, ``Listener.accept()`` takes a connection the primary
+handed over and acknowledges it, which tells the primary this worker is free
+again.
 """
 
 from __future__ import annotations
@@ -98,10 +102,16 @@ class SyncWorker(WorkerBase):
                 queued_ms=queued_ms(listener, conn),
             )
 
+            # Round robin, plain TCP: an idle connection can go back to the primary.
+            parking = (
+                self.config.keepalive > 0
+                and transport is conn
+                and getattr(listener, "mode", None) == "rr"
+            )
+
             def pipelined() -> bool:
-                # Keep the connection only for requests the client already sent.
-                if not self.alive or self.draining:
-                    return False
+                # Without parking, keep the connection only for requests the
+                # client already sent.
                 if connection.has_pending_data:
                     return True
                 if isinstance(transport, ssl.SSLSocket) and transport.pending():
@@ -109,13 +119,28 @@ class SyncWorker(WorkerBase):
                 ready, _, _ = select.select([transport], [], [], 0)
                 return bool(ready)
 
-            connection.keep_alive_check = pipelined
+            def keep_alive() -> bool:
+                if not self.alive or self.draining:
+                    return False
+                return parking or pipelined()
+
+            connection.keep_alive_check = keep_alive
             while True:
                 served = connection.requests_served
                 keep = connection.handle_request()
                 if connection.requests_served != served:
                     self.count_request()
                 if not keep or not self.alive:
+                    break
+                if parking and not connection.has_pending_data:
+                    # The client's next request may be on the way already:
+                    # serve it here only while no other connection waits for
+                    # this worker; else back to the primary, where it waits
+                    # its turn behind those queued before it, and one eager
+                    # client cannot keep the worker.
+                    if pipelined() and not listener.waiting():
+                        continue
+                    listener.park(conn)
                     break
         except OSError as exc:
             LOG.debug("connection from %s ended: %s", addr, exc)

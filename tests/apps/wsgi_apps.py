@@ -10,6 +10,7 @@ from typing import Any
 
 StartResponse = Callable[..., Any]
 _HOARD: list[bytearray] = []
+_SERVED: list[None] = []
 
 
 def hello(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -74,6 +75,10 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
         body = f"{os.getuid()} {os.getgid()} {environ['wsgi.url_scheme']}".encode()
     elif path == "/echo":
         body = environ["wsgi.input"].read()
+    elif path == "/seq":
+        # "<pid> <n>": the n-th request this worker served, from 1.
+        _SERVED.append(None)
+        body = f"{os.getpid()} {len(_SERVED)}".encode()
     else:
         body = b"Hello, world!"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])

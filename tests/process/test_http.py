@@ -38,6 +38,7 @@ from tests.helpers import APPS, ROOT, free_port, wait_for
 SCHEDS = ["rr", "none"]
 PARSERS = ["httptools", "h11"]
 COMBOS = [(sched, http) for sched in SCHEDS for http in PARSERS]
+KEEP_ALIVE = 0.5  # seconds
 
 LIMIT_BODY = 10 * 1024 * 1024
 LIMIT_LINE = 1024
@@ -284,6 +285,8 @@ def live(
         "-k", "sync", "-w", "1", "--sched", sched, "--http", http,
         "--root-path", "/api",
         "--header-timeout", "1",
+        # Under rr an idle connection is parked, then closed after this.
+        "--keep-alive", str(KEEP_ALIVE),
         "--limit-request-body", str(LIMIT_BODY),
         "--limit-request-line", str(LIMIT_LINE),
         "--limit-request-fields", str(LIMIT_FIELDS),
@@ -338,7 +341,11 @@ def test_pipelined_requests_are_answered_in_order_then_closed(live: Live) -> Non
     for r in responses[:-1]:
         assert r.get("connection") in (None, b"keep-alive"), r
     assert responses[4].get("connection") == b"keep-alive", "HTTP/1.0 keep-alive is confirmed"
-    assert responses[-1].get("connection") == b"close"
+    if live.sched == "rr":
+        # Parked in the primary once idle, closed after --keep-alive.
+        assert responses[-1].get("connection") is None
+    else:
+        assert responses[-1].get("connection") == b"close"
     assert closed
 
 
@@ -371,14 +378,27 @@ def test_an_unread_body_is_skipped_not_parsed_as_a_request(live: Live) -> None:
     assert b"hidden" not in raw and closed
 
 
-def test_a_lone_request_is_answered_with_connection_close(live: Live) -> None:
+def test_an_idle_connection_never_holds_the_worker(live: Live) -> None:
+    """``none``: the lone request is answered with ``Connection: close``;
+    ``rr``: the connection stays open, parked in the primary, and is closed
+    after --keep-alive while the only worker serves others."""
     with live.server.connect() as sock:
         sock.sendall(build("GET", "/who?alone"))
         started = time.monotonic()
+        if live.sched == "rr":
+            time.sleep(0.1)
+            other = one(live.server, build("GET", "/who?other", [("Connection", "close")]))
+            assert other.status == 200, "the only worker is free while the client idles"
         raw, closed = read_until_closed(sock, 5.0)
+        elapsed = time.monotonic() - started
     (response,) = split_responses(raw)
-    assert response.get("connection") == b"close"
-    assert closed and time.monotonic() - started < 1.5, "no wait for the keep-alive timeout"
+    assert closed
+    if live.sched == "rr":
+        assert response.get("connection") is None
+        assert KEEP_ALIVE * 0.8 < elapsed < KEEP_ALIVE + 2.5, f"closed after {elapsed:.2f}s"
+    else:
+        assert response.get("connection") == b"close"
+        assert elapsed < KEEP_ALIVE * 0.8, "no wait for the keep-alive timeout"
 
 
 # -- request bodies ------------------------------------------------------------

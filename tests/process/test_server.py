@@ -169,6 +169,16 @@ def test_preload_imports_the_app_once_in_the_template(serve) -> None:
     assert int(worker) in server.workers()
 
 
+def test_preload_imports_the_worker_class_and_parser_once_in_the_template(serve) -> None:
+    """What each worker would import after its fork is in the template already:
+    shared, and not on the way from a fork (a respawn) to serving."""
+    server = serve("wsgi_apps:hello", "-w", "1", "--preload", "--http", "httptools", workers=1)
+    (template,) = server.templates()
+    with open(f"/proc/{template}/maps") as fh:
+        maps = fh.read()
+    assert "httptools" in maps, "the parser's extension is loaded in the template"
+
+
 def test_without_preload_each_worker_imports_the_app(serve) -> None:
     server = serve("wsgi_apps:loaded_in", "-w", "2")
     loaded, worker = body_of(server.get("/")).split()

@@ -114,6 +114,52 @@ def test_decoder_close_closes_stray_fds():
     os.close(w)
 
 
+def test_handoff_frame_round_trip():
+    payload = ipc.pack_handoff(
+        "tcp:127.0.0.1:8000", 2**40 + 7, 12345.678, b"GET / HTTP/1.1\r\n\xff"
+    )
+    assert ipc.unpack_handoff(payload) == (
+        "tcp:127.0.0.1:8000",
+        2**40 + 7,
+        12345.678,
+        b"GET / HTTP/1.1\r\n\xff",
+    )
+    assert ipc.unpack_handoff(ipc.pack_handoff("k", 1, 0.0)) == ("k", 1, 0.0, b"")
+
+
+def test_taken_frame_carries_several_records():
+    records = [("a", 1, ipc.TAKEN), ("tcp:[::1]:80", 2, ipc.REFUSED), ("b", 0, ipc.PARKED)]
+    assert ipc.unpack_taken(ipc.pack_taken(records)) == records
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00" * 17, ipc.pack_handoff("key", 1, 0.0)[:-1]])
+def test_malformed_handoff_is_a_value_error(payload):
+    with pytest.raises(ValueError):
+        ipc.unpack_handoff(payload)
+
+
+def test_malformed_taken_is_a_value_error():
+    with pytest.raises(ValueError):
+        ipc.unpack_taken(ipc.pack_taken([("key", 1, ipc.TAKEN)])[:-1])
+    with pytest.raises(ValueError):
+        ipc.unpack_taken(b"\x00\x01")
+
+
+def test_conn_frames_pass_bytes_through_the_decoder():
+    decoder = FrameDecoder()
+    payload = ipc.pack_taken([("k", 9, ipc.TAKEN)])
+    decoder.feed(ipc.encode(Kind.CONN, payload))
+    (got,) = decoder.frames()
+    assert got.kind is Kind.CONN and got.body == payload
+
+
+def test_unknown_frame_kind_is_an_error():
+    decoder = FrameDecoder()
+    decoder.feed(HEADER.pack(1, 200, 0) + b"x")
+    with pytest.raises(ValueError):
+        decoder.frames()
+
+
 @pytest.fixture
 def pair():
     a, b = socket.socketpair()
