@@ -32,6 +32,7 @@ import errno
 import os
 import select
 import socket
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 
 
 DEFAULT_BACKLOG = 511  # Node's default
+# Seconds a worker accepting on a real socket goes without reading the
+# cluster channel while connections keep coming (see Listener.accept).
+CHANNEL_POLL_INTERVAL = 0.05
 
 
 def _closed_error() -> OSError:
@@ -95,6 +99,7 @@ class Listener:
         # serve() listens again through asyncio: keep the backlog asked for.
         self.backlog: int | None = None
         self._blocking = True
+        self._next_poll = 0.0
         self._queue: deque[tuple[socket.socket, int]] = deque()
         self._initial: dict[socket.socket, bytes] = {}
         # Weak: a connection whose server never asks must not be kept open here.
@@ -147,8 +152,22 @@ class Listener:
         return self._epoll.fileno()
 
     def accept(self) -> tuple[socket.socket, Any]:
-        """Take the next connection; blocks unless ``setblocking(False)``."""
+        """Take the next connection; blocks unless ``setblocking(False)``.
+
+        A real socket in a worker is accepted on directly while the cluster
+        channel was read less than ``CHANNEL_POLL_INTERVAL`` ago: reading it
+        costs a system call, and a message (a disconnect) waits that long at
+        most, or until nothing is left to accept.
+        """
         child = self._child
+        if self._sock is not None and child is not None and not self.closed:
+            now = time.monotonic()
+            if now < self._next_poll:
+                try:
+                    return self._sock.accept()
+                except BlockingIOError:
+                    pass
+            self._next_poll = now + CHANNEL_POLL_INTERVAL
         while True:
             if child is not None:
                 child.poll()
@@ -172,6 +191,8 @@ class Listener:
     def take_accepted_at(self, conn: socket.socket) -> float | None:
         """When the primary accepted ``conn`` (``time.monotonic()``; once), or None
         when it did not come through the primary (every policy but round robin)."""
+        if self.mode != "rr":
+            return None
         return self._accepted_at.pop(conn, None)
 
     def close(self) -> None:

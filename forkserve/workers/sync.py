@@ -37,6 +37,7 @@ class SyncWorker(WorkerBase):
         self.init_signals()
         options = self.http_options()
         extra = self.extra_environ()
+        self._server_names: dict[int, Any] = {}
         selector = selectors.DefaultSelector()
         for listener in self.listeners:
             listener.setblocking(False)
@@ -85,12 +86,10 @@ class SyncWorker(WorkerBase):
     ) -> None:
         transport: socket.socket | None = None
         try:
-            conn.setblocking(True)
+            # Accepted sockets are blocking already (their listener's flag is
+            # not inherited): no call to make them so.
             transport = self.prepare_connection(conn)
-            try:
-                server = listener.getsockname()
-            except OSError:
-                server = None
+            server = self._server_name(listener)
             connection = WSGIConnection(
                 transport,
                 self.app,
@@ -150,6 +149,17 @@ class SyncWorker(WorkerBase):
                     sock.close()
                 except OSError:
                     pass
+
+    def _server_name(self, listener: Any) -> Any:
+        """The listener's address (the environ's SERVER_NAME/PORT), looked up once."""
+        names = self._server_names
+        key = id(listener)
+        if key not in names:
+            try:
+                names[key] = listener.getsockname()
+            except OSError:
+                names[key] = None
+        return names[key]
 
 
 def _unregister(selector: selectors.BaseSelector, fd: int) -> None:
