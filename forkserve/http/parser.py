@@ -15,7 +15,9 @@ walks the chunked framing line by line. Only bytes it has accepted reach the
 backend, one message at a time, so the two backends cannot disagree about
 what is a valid request or where a message ends, and a pipelined request is
 never parsed early. The backend turns the accepted bytes of the current
-message into ``Data`` and ``EndOfMessage`` events.
+message into ``Data`` and ``EndOfMessage`` events. A message without a body
+(most requests) never reaches a backend: the front end has validated its
+head and knows it ends there, so it emits ``EndOfMessage`` itself.
 
 States of the front end:
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from forkserve.errors import HTTPError
@@ -58,6 +61,9 @@ from .head import (
     _field_error,
     parse_head,
 )
+
+# Events carry no state of their own: one instance serves every message.
+_END = EndOfMessage()
 
 
 class _State(enum.Enum):
@@ -205,7 +211,7 @@ class _Framer:
     def _advance_head(self) -> None:
         buf = self._buf
         # RFC 9112 §2.2: ignore empty lines received before the request-line.
-        while buf[:2] == _CRLF:
+        while buf.startswith(_CRLF):
             del buf[:2]
         if not buf:
             return
@@ -237,6 +243,11 @@ class _Framer:
         request = parse_head(head, self._limits)
         self._request = request
         self._events.append(request)
+        if not request.chunked and not request.content_length:
+            # No body: the head is validated and nothing follows; no backend.
+            self._state = _State.DONE
+            self._events.append(_END)
+            return
         backend = self._factory(request, self._events)
         self._backend = backend
         self._body_total = 0
@@ -245,14 +256,11 @@ class _Framer:
             self._trailer_count = 0
             backend.start(head + b"\r\n\r\n")
             self._advance_chunked()
-        elif request.content_length:
+        else:
             self._state = _State.BODY_LENGTH
-            self._remaining = request.content_length
+            self._remaining = request.content_length or 0
             backend.start(head + b"\r\n\r\n")
             self._advance_length()
-        else:
-            self._state = _State.DONE
-            backend.start(head + b"\r\n\r\n")
 
     def _advance_length(self) -> None:
         buf = self._buf
@@ -370,7 +378,7 @@ class _HttptoolsBackend:
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
-        self._events.append(EndOfMessage())
+        self._events.append(_END)
 
     def start(self, head: bytes) -> None:
         request = self._request
@@ -437,7 +445,7 @@ class _H11Backend:
             if kind is h11.Data:
                 events.append(Data(bytes(event.data)))
             elif kind is h11.EndOfMessage:
-                events.append(EndOfMessage())
+                events.append(_END)
                 return
             elif event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -460,7 +468,7 @@ class _FramingBackend:
 
     def start(self, head: bytes) -> None:
         if not self._chunked and not self._left:
-            self._events.append(EndOfMessage())
+            self._events.append(_END)
 
     def feed(self, data: bytes) -> None:
         if data:
@@ -468,10 +476,10 @@ class _FramingBackend:
         if not self._chunked:
             self._left -= len(data)
             if self._left <= 0:
-                self._events.append(EndOfMessage())
+                self._events.append(_END)
 
     def end(self) -> None:
-        self._events.append(EndOfMessage())
+        self._events.append(_END)
 
 
 def _import(name: str) -> Any:
@@ -484,47 +492,63 @@ def _import(name: str) -> Any:
     return h11
 
 
+# Backend factories by name, built once per process (the import and the
+# closure are not redone for every connection).
+_Factory = Callable[[Request, deque[Event]], _Backend]
+_FACTORIES: dict[str, _Factory] = {}
+
+
 def make_parser(backend: str, limits: ParserLimits) -> RequestParser:
     """Return a parser over ``backend`` ("httptools", "h11", "auto" or "framing").
 
     ``framing`` validates and frames like the others but decodes nothing:
     body ``Data`` is the raw framed bytes (see ``_FramingBackend``).
     """
+    factory = _FACTORIES.get(backend)
+    if factory is None:
+        name = backend
+        if name == "auto":
+            try:
+                _import("httptools")
+                name = "httptools"
+            except ImportError:
+                name = "h11"
+        if name == "h11":
+            factory = _h11_factory(limits)  # its size limit comes from ``limits``
+        else:
+            factory = _FACTORIES[backend] = _make_factory(name)
+    return _Framer(factory, limits)
+
+
+def _make_factory(backend: str) -> _Factory:
     if backend == "framing":
 
         def framing(request: Request, events: deque[Event]) -> _Backend:
             return _FramingBackend(request, events)
 
-        return _Framer(framing, limits)
-    if backend == "auto":
-        try:
-            module = _import("httptools")
-            backend = "httptools"
-        except ImportError:
-            backend = "h11"
+        return framing
     if backend == "httptools":
         module = _import("httptools")
 
         def factory(request: Request, events: deque[Event]) -> _Backend:
             return _HttptoolsBackend(module, request, events)
 
-    elif backend == "h11":
-        module = _import("h11")
-        size = (
-            2
-            * (
-                limits.max_request_line
-                + limits.max_header_fields * (limits.max_header_field_size + 2)
-            )
-            + _MAX_CHUNK_LINE
-        )
+        return factory
+    raise ValueError(f"unknown parser backend {backend!r}; use 'httptools', 'h11' or 'auto'")
 
-        def factory(request: Request, events: deque[Event]) -> _Backend:
-            return _H11Backend(module, request, events, size)
 
-    else:
-        raise ValueError(f"unknown parser backend {backend!r}; use 'httptools', 'h11' or 'auto'")
-    return _Framer(factory, limits)
+def _h11_factory(limits: ParserLimits) -> _Factory:
+    module = _import("h11")
+    size = (
+        2
+        * (limits.max_request_line + limits.max_header_fields * (limits.max_header_field_size + 2))
+        + _MAX_CHUNK_LINE
+    )
+
+    def factory(request: Request, events: deque[Event]) -> _Backend:
+        return _H11Backend(module, request, events, size)
+
+    return factory
 
 
 __all__ = [

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable
-from email.utils import formatdate
 from http import HTTPStatus
 
 from forkserve.errors import ResponseError
@@ -39,29 +38,64 @@ _SPECIAL = frozenset({"content-length", "date", "server"})
 # Small bounded caches: apps send the same few statuses and headers.
 _STATUS_CACHE: dict[str, tuple[int, bytes]] = {}
 _LINE_CACHE: dict[tuple[str, str], bytes] = {}
+# Whole heads by everything that shapes them (see ``build_head``); cleared
+# when full, so an app whose headers change on every response only misses.
+_SHAPE_CACHE: dict[tuple[object, ...], _Shape] = {}
+_SHAPE_CACHE_SIZE = 256
+
+# RFC 9110 §5.6.7 IMF-fixdate pieces.
+_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+_MONTHS = (
+    b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
+    b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
+)  # fmt: skip
 
 LAST_CHUNK = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class DateCache:
-    """The ``Date`` header line, formatted at most once per second."""
+    """The ``Date`` header line, formatted at most once per second.
 
-    __slots__ = ("_clock", "_line", "_second")
+    One instance can serve every connection and thread of a process
+    (``DATE``): the second and its line are replaced together, as one tuple.
+    """
+
+    __slots__ = ("_clock", "_current")
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._second = -1
-        self._line = b""
+        self._current = (-1, b"")
 
     def header(self) -> bytes:
-        """``b"Date: <IMF-fixdate>\\r\\n"`` for the current second."""
-        now = self._clock()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._line = b"Date: %s\r\n" % formatdate(second, usegmt=True).encode("ascii")
-        return self._line
+        """``b"Date: <IMF-fixdate>\\r\\n"`` for the current second; the same
+        bytes object for every call within one second."""
+        second = int(self._clock())
+        current = self._current
+        if current[0] == second:
+            return current[1]
+        line = date_line(second)
+        self._current = (second, line)
+        return line
+
+
+def date_line(second: int) -> bytes:
+    """The ``Date`` header line for ``second`` (epoch), IMF-fixdate (RFC 9110 §5.6.7)."""
+    t = time.gmtime(second)
+    return b"Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n" % (
+        _DAYS[t.tm_wday],
+        t.tm_mday,
+        _MONTHS[t.tm_mon - 1],
+        t.tm_year,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+    )
+
+
+# The process-wide Date line: connections share it instead of each
+# formatting the date again.
+DATE = DateCache()
 
 
 def check_header(name: str | bytes, value: str | bytes) -> None:
@@ -138,6 +172,46 @@ class ResponseHead:
         self.keep_alive = keep_alive
 
 
+class _Shape:
+    """A head built once: the bytes before and after its ``Date`` line, and
+    the latest ResponseHead with that line filled in (replaced each second)."""
+
+    __slots__ = ("_after", "_before", "_current", "_fields")
+
+    def __init__(self, head: ResponseHead, date_at: int, date_len: int, date: bytes) -> None:
+        data = head.head
+        self._fields = (
+            head.status,
+            head.chunked,
+            head.content_length,
+            head.send_body,
+            head.keep_alive,
+        )
+        if date_at < 0:
+            self._before, self._after = data, b""
+        else:
+            self._before, self._after = data[:date_at], data[date_at + date_len :]
+        self._current = (date if date_at >= 0 else None, head)
+
+    def head(self, date: DateCache) -> ResponseHead:
+        line, head = self._current
+        if line is None:
+            return head  # the application's own Date: nothing changes
+        now = date.header()
+        if now is not line and now != line:
+            status, chunked, content_length, send_body, keep_alive = self._fields
+            head = ResponseHead(
+                status,
+                self._before + now + self._after,
+                chunked,
+                content_length,
+                send_body,
+                keep_alive,
+            )
+            self._current = (now, head)
+        return head
+
+
 def build_head(
     status: object,
     headers: Iterable[tuple[str, str]],
@@ -156,7 +230,42 @@ def build_head(
     in advance, else chunked (HTTP/1.1 kept alive), else the end of the body
     is the close of the connection. Raises ResponseError on anything that
     must not be sent.
+
+    The same arguments give the same head but for its Date line, so heads
+    are kept by their arguments: an application answering with the same
+    status and header list costs a tuple and a dictionary lookup, and the
+    returned ResponseHead may be shared (it is never modified).
     """
+    items = headers if type(headers) is tuple else tuple(headers)
+    key = (status, items, method == b"HEAD", http_version, keep_alive, body_length, server)
+    try:
+        shape = _SHAPE_CACHE.get(key)
+    except TypeError:  # an unhashable header item: no caching, the checks say why
+        return _build_head(
+            status, items, method, http_version, keep_alive, date, server, body_length
+        )[0]
+    if shape is None:
+        head, date_at, line = _build_head(
+            status, items, method, http_version, keep_alive, date, server, body_length
+        )
+        if len(_SHAPE_CACHE) >= _SHAPE_CACHE_SIZE:
+            _SHAPE_CACHE.clear()
+        _SHAPE_CACHE[key] = _Shape(head, date_at, len(line), line)
+        return head
+    return shape.head(date)
+
+
+def _build_head(
+    status: object,
+    headers: Iterable[tuple[str, str]],
+    method: bytes,
+    http_version: bytes,
+    keep_alive: bool,
+    date: DateCache,
+    server: bytes,
+    body_length: int | None,
+) -> tuple[ResponseHead, int, bytes]:
+    """The head, where its server-made Date line starts (-1: none) and that line."""
     code, status_line = parse_status(status)
     parts = [status_line]
     content_length: int | None = None
@@ -215,8 +324,12 @@ def build_head(
             parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
             keep_alive = False
+    date_at = -1
+    line = b""
     if not has_date:
-        parts.append(date.header())
+        date_at = sum(map(len, parts))
+        line = date.header()
+        parts.append(line)
     if not has_server:
         parts.append(b"Server: %s\r\n" % server)
     if not keep_alive:
@@ -224,7 +337,8 @@ def build_head(
     elif http_version == b"1.0":
         parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
-    return ResponseHead(code, b"".join(parts), chunked, content_length, send_body, keep_alive)
+    head = ResponseHead(code, b"".join(parts), chunked, content_length, send_body, keep_alive)
+    return head, date_at, line
 
 
 def encode_chunk(data: bytes) -> bytes:

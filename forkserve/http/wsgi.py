@@ -35,8 +35,8 @@ from forkserve.http.parser import (
 from forkserve.http.proxy import TrustedProxies, apply_forwarded
 from forkserve.http.response import (
     CONTINUE_100,
+    DATE,
     BodyFramer,
-    DateCache,
     ResponseHead,
     build_head,
     error_response,
@@ -51,7 +51,8 @@ _LOG = logging.getLogger("forkserve.worker")
 
 
 class Transport(Protocol):
-    def recv(self, n: int) -> bytes: ...
+    def recv(self, n: int, flags: int = 0) -> bytes: ...
+    def send(self, data: bytes | memoryview, flags: int = 0) -> int: ...
     def sendall(self, data: bytes | memoryview) -> None: ...
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int: ...
     def settimeout(self, value: float | None) -> None: ...
@@ -73,6 +74,13 @@ class HTTPOptions:
     access_log: Callable[[AccessRecord], None] | None = None
     error_logger: logging.Logger | None = None
     observer: RequestObserver | None = None
+    # A flag that makes one recv/send return at once instead of waiting
+    # (MSG_DONTWAIT), for transports whose recv and send take flags (a plain
+    # socket, not TLS). Each read or write first tries once with it and sets
+    # the phase's timeout only when it would have to wait: a timeout on a
+    # socket costs a poll() before every call and a syscall to set. 0: the
+    # timeout of each phase is set up front.
+    dontwait: int = 0
 
 
 class RequestObserver(Protocol):
@@ -87,15 +95,16 @@ class _ClientGone(Exception):
     """The peer stopped accepting bytes; not the application's fault."""
 
 
-_ENV_KEYS: dict[bytes, str | None] = {}
+# Header name -> environ key; "" for a name that is dropped (an underscore).
+_ENV_KEYS: dict[bytes, str] = {}
 
 
-def _environ_key(name: bytes) -> str | None:
+def _environ_key(name: bytes) -> str:
     key = _ENV_KEYS.get(name)
-    if key is None and name not in _ENV_KEYS:
+    if key is None:
         text = name.decode("latin-1")
         if "_" in text:
-            key = None
+            key = ""
         else:
             key = text.upper().replace("-", "_")
             if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
@@ -103,6 +112,12 @@ def _environ_key(name: bytes) -> str | None:
         if len(_ENV_KEYS) < 2048:
             _ENV_KEYS[name] = key
     return key
+
+
+# The common methods as str, so most requests do not decode theirs.
+_METHOD_TEXT = {
+    m.encode("ascii"): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+}
 
 
 _TRUSTED: dict[tuple[str, ...], TrustedProxies] = {}
@@ -113,6 +128,53 @@ def _trusted(entries: Iterable[str]) -> TrustedProxies:
     found = _TRUSTED.get(key)
     if found is None:
         found = _TRUSTED[key] = TrustedProxies(key)
+    return found
+
+
+class _Template:
+    """What every connection built from one (options, extra environ) pair shares."""
+
+    __slots__ = ("environ", "extra", "options", "server_bytes", "trusted")
+
+    def __init__(self, options: HTTPOptions, extra: dict[str, Any] | None) -> None:
+        self.options = options
+        self.extra = extra
+        self.server_bytes = options.server_software.encode("latin-1")
+        self.trusted = _trusted(options.forwarded_allow_ips)
+        environ: dict[str, Any] = dict(extra or {})
+        environ.update(
+            {
+                "SERVER_NAME": "",
+                "SERVER_PORT": "",
+                "REMOTE_ADDR": "",
+                "REMOTE_PORT": "",
+                "SERVER_SOFTWARE": options.server_software,
+                "SCRIPT_NAME": options.root_path,
+                "wsgi.version": (1, 0),
+                "wsgi.url_scheme": options.url_scheme,
+                "wsgi.errors": sys.stderr,
+                "wsgi.multithread": options.multithread,
+                "wsgi.multiprocess": options.multiprocess,
+                "wsgi.run_once": False,
+                "wsgi.file_wrapper": FileWrapper,
+                "wsgi.input_terminated": True,
+            }
+        )
+        self.environ = environ
+
+
+# By id of the options, checked by identity: a worker passes the same options
+# and extra environ to every connection. Holding them keeps the ids unique.
+_TEMPLATES: dict[tuple[int, int], _Template] = {}
+
+
+def _template(options: HTTPOptions, extra: dict[str, Any] | None) -> _Template:
+    found = _TEMPLATES.get((id(options), id(extra)))
+    if found is None or found.options is not options or found.extra is not extra:
+        found = _Template(options, extra)
+        if len(_TEMPLATES) >= 32:
+            _TEMPLATES.clear()
+        _TEMPLATES[(id(options), id(extra))] = found
     return found
 
 
@@ -141,39 +203,26 @@ class WSGIConnection:
         self._parser = make_parser(options.backend, options.limits)
         if initial_data:
             self._parser.feed(initial_data)
-        self._date = DateCache()
-        self._server_bytes = options.server_software.encode("latin-1")
+        self._date = DATE
+        template = _template(options, extra_environ)
+        self._server_bytes = template.server_bytes
         self._logger = options.error_logger or _LOG
-        self._trusted = _trusted(options.forwarded_allow_ips)
+        self._trusted = template.trusted
+        # The transport's timeout as last set here (None: never set, so a
+        # socket is blocking) and the one the current phase wants.
         self._timeout: float | None = None
+        self._want_timeout: float | None = None
+        self._dontwait = options.dontwait
+        base = template.environ.copy()
         if isinstance(client, tuple):
             self._peer_ip: str | None = str(client[0])
-            remote_port = str(client[1]) if len(client) > 1 else ""
+            base["REMOTE_ADDR"] = self._peer_ip
+            base["REMOTE_PORT"] = str(client[1]) if len(client) > 1 else ""
         else:
             self._peer_ip = None
-            remote_port = ""
         if isinstance(server, tuple):
-            server_name, server_port = str(server[0]), str(server[1])
-        else:
-            server_name, server_port = "", ""
-        base: dict[str, Any] = dict(extra_environ or {})
-        base.update(
-            {
-                "SERVER_NAME": server_name,
-                "SERVER_PORT": server_port,
-                "REMOTE_ADDR": self._peer_ip or "",
-                "REMOTE_PORT": remote_port,
-                "SERVER_SOFTWARE": options.server_software,
-                "wsgi.version": (1, 0),
-                "wsgi.url_scheme": options.url_scheme,
-                "wsgi.errors": sys.stderr,
-                "wsgi.multithread": options.multithread,
-                "wsgi.multiprocess": options.multiprocess,
-                "wsgi.run_once": False,
-                "wsgi.file_wrapper": FileWrapper,
-                "wsgi.input_terminated": True,
-            }
-        )
+            base["SERVER_NAME"] = str(server[0])
+            base["SERVER_PORT"] = str(server[1])
         if queued_ms is not None:
             # How long the connection waited before a worker took it
             # (``forkserve.queued_ms``, the access log's Q): the first
@@ -202,28 +251,62 @@ class WSGIConnection:
         self._error_status = 0
 
     def _settimeout(self, value: float) -> None:
-        if value != self._timeout:
+        """The timeout for what follows; with ``dontwait`` it is set on the
+        transport only before a call that has to wait (``_wait_timeout``)."""
+        self._want_timeout = value
+        if not self._dontwait and value != self._timeout:
             self._timeout = value
             self.transport.settimeout(value)
 
+    def _wait_timeout(self) -> None:
+        want = self._want_timeout
+        if want != self._timeout and want is not None:
+            self._timeout = want
+            self.transport.settimeout(want)
+
     def _recv(self) -> bytes:
+        transport = self.transport
+        if self._dontwait and self._timeout is None:
+            # Usually the bytes are there already (the worker waited for
+            # them): one recvfrom, no poll() first.
+            try:
+                return transport.recv(_RECV_SIZE, self._dontwait)
+            except BlockingIOError:
+                pass
+            self._wait_timeout()
+        elif self._dontwait:
+            self._wait_timeout()
         try:
-            return self.transport.recv(_RECV_SIZE)
+            return transport.recv(_RECV_SIZE)
         except InterruptedError:
-            return self.transport.recv(_RECV_SIZE)
+            return transport.recv(_RECV_SIZE)
 
     def _read_head(self) -> Request | None:
         """The next request head, or None when the connection is done."""
         parser = self._parser
         options = self.options
-        partial = parser.has_buffered_data
-        deadline = 0.0
-        if not partial:
-            self._settimeout(
-                options.keepalive_timeout if self.requests_served else options.header_timeout
-            )
-        else:
-            deadline = time.monotonic() + options.header_timeout
+        if parser.has_buffered_data:
+            return self._read_rest_of_head(time.monotonic() + options.header_timeout)
+        self._settimeout(
+            options.keepalive_timeout if self.requests_served else options.header_timeout
+        )
+        try:
+            data = self._recv()
+        except (TimeoutError, OSError):
+            return None
+        parser.feed(data)
+        event = parser.next_event()
+        if event is not NEED_DATA:
+            assert isinstance(event, Request)
+            return event
+        if parser.peer_closed:
+            return None
+        # The deadline counts from the first bytes (a few microseconds ago).
+        return self._read_rest_of_head(time.monotonic() + options.header_timeout)
+
+    def _read_rest_of_head(self, deadline: float) -> Request | None:
+        """Read until the head begun in the buffer is complete, by ``deadline``."""
+        parser = self._parser
         while True:
             event = parser.next_event()
             if event is not NEED_DATA:
@@ -231,21 +314,11 @@ class WSGIConnection:
                 return event
             if parser.peer_closed:
                 return None
-            if partial:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("request head deadline")
-                self._settimeout(remaining)
-            try:
-                data = self._recv()
-            except (TimeoutError, OSError):
-                if partial:
-                    raise
-                return None
-            if data and not partial:
-                partial = True
-                deadline = time.monotonic() + options.header_timeout
-            parser.feed(data)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("request head deadline")
+            self._settimeout(remaining)
+            parser.feed(self._recv())
 
     def _read_body(self) -> bytes:
         """The next piece of the body, b"" at its end; raises HTTPError."""
@@ -295,8 +368,20 @@ class WSGIConnection:
 
     # -- writing -------------------------------------------------------------
     def _sendall(self, data: bytes | memoryview) -> None:
+        transport = self.transport
         try:
-            self.transport.sendall(data)
+            if self._dontwait:
+                if self._timeout is None:
+                    # Most responses fit the socket buffer: one send, no poll().
+                    try:
+                        sent = transport.send(data, self._dontwait)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent == len(data):
+                        return
+                    data = memoryview(data)[sent:]
+                self._wait_timeout()
+            transport.sendall(data)
         except OSError as exc:
             raise _ClientGone(str(exc)) from exc
 
@@ -364,6 +449,19 @@ class WSGIConnection:
         if out:
             self._sendall(out)
 
+    def _send_whole(self, body: bytes) -> None:
+        """Send a response whose body is ``body``, all of it, with its head."""
+        framer = self._make_head()
+        head = self._head
+        assert head is not None
+        self._headers_sent = True
+        out = framer.frame(body) + framer.finish() if body else framer.finish()
+        if len(out) <= _JOIN_LIMIT:
+            self._sendall(head.head + out if out else head.head)
+        else:
+            self._sendall(head.head)
+            self._sendall(out)
+
     def _finish(self) -> None:
         framer = self._framer
         if framer is None:
@@ -398,6 +496,8 @@ class WSGIConnection:
             self._sendall(head.head)
         count = framer.allow(size)
         if count:
+            if self._dontwait:
+                self._wait_timeout()
             try:
                 sent = self.transport.sendfile(filelike, offset, count)
             except (AttributeError, OSError, RuntimeError):
@@ -420,29 +520,35 @@ class WSGIConnection:
     def _environ(self, request: Request) -> dict[str, Any]:
         environ = self._base_environ.copy()
         target = request.target
+        method = request.method
+        raw_uri = target.decode("latin-1")
         path, _sep, query = target.partition(b"?")
         if path[:1] != b"/":
-            if request.method == b"CONNECT" or path == b"*":
-                path = b"" if request.method == b"CONNECT" else path
+            if method == b"CONNECT" or path == b"*":
+                path = b"" if method == b"CONNECT" else path
             else:
                 # absolute-form: drop "scheme://authority"
                 rest = path.split(b"://", 1)[-1]
                 slash = rest.find(b"/")
                 path = rest[slash:] if slash >= 0 else b"/"
-        path_info = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        if path is target and b"%" not in path:
+            path_info = raw_uri  # the whole target is the path, nothing to decode twice
+        else:
+            path_info = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
         root = self.options.root_path
         if root and (path_info == root or path_info.startswith(root + "/")):
             path_info = path_info[len(root) :]
-        environ["REQUEST_METHOD"] = request.method.decode("latin-1")
-        environ["SCRIPT_NAME"] = root
+        environ["REQUEST_METHOD"] = _METHOD_TEXT.get(method) or method.decode("latin-1")
         environ["PATH_INFO"] = path_info
-        environ["QUERY_STRING"] = query.decode("latin-1")
-        environ["RAW_URI"] = target.decode("latin-1")
+        environ["QUERY_STRING"] = query.decode("latin-1") if query else ""
+        environ["RAW_URI"] = raw_uri
         environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http_version == b"1.1" else "HTTP/1.0"
-        host = None
+        keys = _ENV_KEYS
         for name, value in request.headers:
-            key = _environ_key(name)
+            key = keys.get(name)
             if key is None:
+                key = _environ_key(name)
+            if not key:
                 continue
             text = value.decode("latin-1")
             if key in environ and key.startswith("HTTP_"):
@@ -450,9 +556,8 @@ class WSGIConnection:
                 environ[key] = environ[key] + sep_text + text
             else:
                 environ[key] = text
-            if key == "HTTP_HOST":
-                host = text
-        if not environ["SERVER_NAME"] and host:
+        host = environ.get("HTTP_HOST") if not environ["SERVER_NAME"] else None
+        if host:
             # A Unix-socket server has no address of its own; use Host.
             if host.rfind(":") > host.rfind("]"):
                 host_name, _, port = host.rpartition(":")
@@ -472,8 +577,8 @@ class WSGIConnection:
     def _send_error(self, status: int, message: str) -> None:
         self._error_status = status
         try:
-            self.transport.sendall(error_response(status, message, self._date, self._server_bytes))
-        except OSError:
+            self._sendall(error_response(status, message, self._date, self._server_bytes))
+        except _ClientGone:
             pass
 
     def handle_request(self) -> bool:
@@ -490,23 +595,22 @@ class WSGIConnection:
         if request is None:
             return False
         self._request = request
-        self._continue_pending = request.expect_continue
-        if request.content_length == 0 or (request.content_length is None and not request.chunked):
-            self._continue_pending = False
-        access_log = self.options.access_log
-        observer = self.options.observer
-        started = time.time() if access_log is not None else 0.0
-        clock = time.perf_counter() if access_log is not None else 0.0
+        if request.expect_continue and (request.content_length or request.chunked):
+            self._continue_pending = True
+        options = self.options
+        access_log = options.access_log
+        observer = options.observer
+        if access_log is not None:
+            started = time.time()
+            clock = time.perf_counter()
         self.requests_served += 1
         environ = self._environ(request)
         if self._queued:
             self._queued = False
             self._base_environ["forkserve.queued_ms"] = 0.0
         if observer is not None:
-            method = request.method.decode("latin-1")
-            token = observer.begin(
-                method, request.target.decode("latin-1"), environ.get("REMOTE_ADDR", "")
-            )
+            method = environ["REQUEST_METHOD"]
+            token = observer.begin(method, environ["RAW_URI"], environ.get("REMOTE_ADDR", ""))
         ok = self._run_app(environ)
         if observer is not None:
             observer.end(token, method, self._answered_status())
@@ -527,7 +631,12 @@ class WSGIConnection:
         try:
             result = self.app(environ, self._start_response)
             if type(result) is list and len(result) == 1 and type(result[0]) is bytes:
-                self._body_length = len(result[0])
+                body = result[0]
+                self._body_length = len(body)
+                if self._framer is None:
+                    # The whole body is known: head and body go out in one send.
+                    self._send_whole(body)
+                    return True
             if isinstance(result, FileWrapper) and self._send_file(result):
                 return True
             for chunk in result:

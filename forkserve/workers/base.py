@@ -80,7 +80,13 @@ class WorkerBase:
         self.max_requests = recycle_after(config.max_requests, config.max_requests_jitter)
         self.recycle_asked = False
         self.slot = slot
+        if slot is not None and not self.multithread:
+            # One thread serves every request: the scoreboard needs no lock.
+            slot.set_single_thread()
         self.draining = False
+        # Whether accepted connections inherit TCP_NODELAY from the
+        # listening sockets (None: not looked at yet; see prepare_connection).
+        self._nodelay_inherited: bool | None = None
         if self.worker is not None:
             self.worker.on("message", self._on_primary_message)
         self.ssl_context = make_ssl_context(config)
@@ -148,6 +154,8 @@ class WorkerBase:
             multiprocess=True,
             access_log=self.access_logger(),
             observer=self.slot,
+            # TLS sockets take no flags; plain ones try each call once first.
+            dontwait=socket.MSG_DONTWAIT if self.ssl_context is None else 0,
         )
 
     def access_logger(self) -> Callable[[AccessRecord], None] | None:
@@ -165,7 +173,10 @@ class WorkerBase:
 
     def prepare_connection(self, conn: socket.socket) -> socket.socket:
         """Per-connection socket options, and TLS when configured."""
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
+        inherited = self._nodelay_inherited
+        if inherited is None:
+            inherited = self._nodelay_inherited = self._set_listeners_nodelay()
+        if not inherited and conn.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
@@ -174,6 +185,23 @@ class WorkerBase:
             conn.settimeout(self.config.header_timeout)
             return self.ssl_context.wrap_socket(conn, server_side=True)
         return conn
+
+    def _set_listeners_nodelay(self) -> bool:
+        """Set TCP_NODELAY once on the listening sockets; True when every
+        connection comes from one of them, so each inherits it on accept
+        (Linux copies it to the accepted socket) and needs no setsockopt."""
+        if sys.platform != "linux" or not self.listeners:
+            return False
+        for listener in self.listeners:
+            sock = listener.raw_socket
+            if sock is None:  # round robin: connections come from the primary
+                return False
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    return False
+        return True
 
     # -- lifecycle ------------------------------------------------------------
 

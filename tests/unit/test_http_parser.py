@@ -288,3 +288,33 @@ def test_framing_backend_frames_without_decoding() -> None:
         assert got[2][1] == b""
     bad = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert parse_all("framing", bad)[-1] == ("error", 400)
+
+
+def test_a_request_without_a_body_reaches_no_backend() -> None:
+    from forkserve.http.parser import _Framer
+
+    made: list[Request] = []
+
+    def factory(request: Request, events: object) -> object:
+        made.append(request)
+        raise AssertionError("a bodiless message needs no backend")
+
+    parser = _Framer(factory, ParserLimits())
+    parser.feed(GET + b"DELETE /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    for method in (b"GET", b"DELETE"):
+        request = parser.next_event()
+        assert isinstance(request, Request) and request.method == method
+        assert isinstance(parser.next_event(), EndOfMessage)
+        assert parser.next_event() is NEED_DATA
+        parser.start_next_cycle()
+    assert made == []
+
+
+@backend
+def test_backends_are_made_once_per_process(backend: str) -> None:
+    first = make_parser(backend, ParserLimits())
+    second = make_parser(backend, ParserLimits())
+    if backend != "h11":  # h11's factory carries the limits; it is made per parser
+        assert first._factory is second._factory  # type: ignore[attr-defined]
+    second.feed(POST)
+    assert [type(e) for e in iter(second.next_event, NEED_DATA)] == [Request, Data, EndOfMessage]

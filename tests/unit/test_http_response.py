@@ -8,9 +8,11 @@ import pytest
 
 from forkserve.errors import ResponseError
 from forkserve.http.response import (
+    DATE,
     BodyFramer,
     DateCache,
     build_head,
+    date_line,
     encode_chunk,
     error_response,
     parse_status,
@@ -156,3 +158,75 @@ def test_error_response() -> None:
     assert b"Connection: close\r\n" in raw
     head_part, _, body = raw.partition(b"\r\n\r\n")
     assert b"Content-Length: %d" % len(body) in head_part
+
+
+@pytest.mark.parametrize("second", [0, 951_782_400, 1_000_000_000, 1_709_251_199, 4_102_444_799])
+def test_date_line_is_imf_fixdate(second: int) -> None:
+    from email.utils import formatdate
+
+    expected = f"Date: {formatdate(second, usegmt=True)}\r\n".encode("ascii")
+    assert date_line(second) == expected
+
+
+def test_a_head_is_built_once_and_gets_each_new_date() -> None:
+    now = [1_000_000_000.0]
+    date = DateCache(lambda: now[0])
+    headers = [("Content-Type", "text/plain"), ("X-Unique-To-This-Test", "1")]
+    first = head(headers=headers, date=date)
+    # The same status and headers (a new list, as apps build them): the same head.
+    assert head(headers=list(headers), date=date) is first
+    now[0] += 1
+    later = head(headers=list(headers), date=date)
+    assert later is not first
+    assert later.head == first.head.replace(b"01:46:40", b"01:46:41")
+    assert (later.status, later.keep_alive, later.chunked) == (200, True, True)
+    # Anything else that shapes the head is part of what is looked up.
+    closing = head(headers=headers, date=date, keep_alive=False)
+    assert b"Connection: close\r\n" in closing.head and b"Connection" not in later.head
+    assert b"Content-Length: 3\r\n" in head(headers=headers, date=date, body_length=3).head
+    assert not head(headers=headers, date=date, method=b"HEAD").send_body
+
+
+def test_a_head_with_the_apps_own_date_never_changes() -> None:
+    now = [0.0]
+    date = DateCache(lambda: now[0])
+    headers = [("Date", "Tue, 15 Nov 1994 08:12:31 GMT"), ("X-Own-Date", "1")]
+    first = head(headers=headers, date=date)
+    now[0] = 5000.0
+    assert head(headers=headers, date=date) is first
+    assert first.head.count(b"\r\nDate:") == 1
+
+
+def test_headers_that_cannot_be_looked_up_are_still_built() -> None:
+    as_lists = head(headers=[["X-List", "1"]])
+    assert b"X-List: 1\r\n" in as_lists.head
+    generated = build_head(
+        "200 OK",
+        (pair for pair in [("X-Gen", "1")]),
+        method=b"GET",
+        http_version=b"1.1",
+        keep_alive=True,
+        date=DateCache(lambda: 0.0),
+    )
+    assert b"X-Gen: 1\r\n" in generated.head
+
+
+def test_an_invalid_head_is_refused_every_time() -> None:
+    for _ in range(2):
+        with pytest.raises(ResponseError):
+            head(headers=[("X-Bad", "a\r\nInjected: 1")])
+
+
+def test_the_head_cache_stays_bounded() -> None:
+    from forkserve.http import response
+
+    for n in range(response._SHAPE_CACHE_SIZE + 10):
+        head(headers=[("X-Bounded", str(n))])
+    assert len(response._SHAPE_CACHE) <= response._SHAPE_CACHE_SIZE
+    assert b"X-Bounded: 3\r\n" in head(headers=[("X-Bounded", "3")]).head
+
+
+def test_the_shared_date_cache() -> None:
+    line = DATE.header()
+    assert line.startswith(b"Date: ") and line.endswith(b" GMT\r\n")
+    assert DATE.header() in (line, DATE.header())

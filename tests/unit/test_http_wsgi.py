@@ -686,3 +686,127 @@ def test_initial_data_is_parsed_first() -> None:
     assert conn.has_pending_data
     assert conn.handle_request() is True
     assert transport.output.startswith(b"HTTP/1.1 200 OK")
+
+
+# -- dontwait: one try before any timeout (a plain socket's MSG_DONTWAIT) -------------
+
+DONTWAIT = 0x40
+
+
+class FlagTransport(FakeTransport):
+    """Takes recv/send flags like a socket. ``None`` in the script is "nothing
+    yet": a recv with the flag raises BlockingIOError, one without goes on.
+    ``send_limit`` bytes at most leave per send call with the flag."""
+
+    def __init__(self, *incoming: Any, send_limit: int = 1 << 20) -> None:
+        super().__init__(*incoming)
+        self.calls: list[tuple[str, int]] = []
+        self.send_limit = send_limit
+
+    def recv(self, n: int, flags: int = 0) -> bytes:
+        self.calls.append(("recv", flags))
+        if self.incoming and self.incoming[0] is None:
+            if flags:
+                raise BlockingIOError
+            self.incoming.pop(0)
+        return super().recv(n)
+
+    def send(self, data: bytes | memoryview, flags: int = 0) -> int:
+        self.calls.append(("send", flags))
+        part = bytes(data[: self.send_limit])
+        self.sent.append(part)
+        return len(part)
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        self.calls.append(("sendall", 0))
+        super().sendall(data)
+
+    def settimeout(self, value: float | None) -> None:
+        self.calls.append(("settimeout", 0))
+        super().settimeout(value)
+
+
+def serve_dontwait(transport: FlagTransport, app: Any, **options: Any) -> list[bool]:
+    conn = WSGIConnection(transport, app, HTTPOptions(dontwait=DONTWAIT, **options), None, None)
+    results = []
+    while True:
+        results.append(conn.handle_request())
+        if not results[-1]:
+            return results
+
+
+def test_dontwait_bytes_already_there_need_no_timeout() -> None:
+    transport = FlagTransport(GET, GET)
+    assert serve_dontwait(transport, hello, header_timeout=5.0) == [True, True, False]
+    assert transport.timeouts == []  # nothing ever waited
+    assert transport.calls[:2] == [("recv", DONTWAIT), ("send", DONTWAIT)]
+    # Head and body in one send per response.
+    assert [len(split_responses(item)) for item in transport.sent] == [1, 1]
+    assert split_responses(transport.output)[1][2] == b"hello"
+
+
+def test_dontwait_sets_the_phase_timeout_before_waiting() -> None:
+    transport = FlagTransport(None, GET, None)
+    results = serve_dontwait(transport, hello, header_timeout=5.0, keepalive_timeout=1.5)
+    assert results == [True, False]
+    assert transport.timeouts == [5.0, 1.5]
+    # The first wait: a try, the header timeout, then a recv that waits.
+    assert transport.calls[:3] == [("recv", DONTWAIT), ("settimeout", 0), ("recv", 0)]
+    # Once a timeout is set, calls wait with it (no second try).
+    assert ("send", DONTWAIT) not in transport.calls
+
+
+def test_dontwait_partial_send_finishes_under_the_timeout() -> None:
+    def big(environ: Environ, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"x" * 5000]
+
+    transport = FlagTransport(GET, send_limit=1000)
+    serve_dontwait(transport, big, header_timeout=5.0)
+    assert transport.calls[1:4] == [("send", DONTWAIT), ("settimeout", 0), ("sendall", 0)]
+    assert transport.timeouts[0] == 5.0
+    assert split_responses(transport.output)[0][2] == b"x" * 5000
+
+
+def test_dontwait_body_read_waits_with_the_body_timeout() -> None:
+    def echo(environ: Environ, start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [])
+        return [body]
+
+    req = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n"
+    transport = FlagTransport(req, None, b"ab")
+    serve_dontwait(transport, echo, header_timeout=5.0, body_timeout=7.0, keepalive_timeout=1.5)
+    # The head was there; the body had to be waited for; the next head too.
+    assert transport.timeouts == [7.0, 1.5]
+    assert split_responses(transport.output)[0][2] == b"ab"
+
+
+def test_a_whole_body_goes_out_with_its_head() -> None:
+    transport, _, _ = serve(hello, GET)
+    assert len(transport.sent) == 1
+    ((status_line, headers, body),) = split_responses(transport.sent[0])
+    assert (status_line, headers[b"content-length"], body) == (b"HTTP/1.1 200 OK", b"5", b"hello")
+
+
+def test_environ_template_is_per_options_and_extra() -> None:
+    seen: list[Environ] = []
+
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        seen.append(environ)
+        return hello(environ, start_response)
+
+    options = HTTPOptions(root_path="/r")
+    for extra in ({"x.one": 1}, {"x.two": 2}):
+        conn = WSGIConnection(FakeTransport(GET), app, options, ("1.2.3.4", 5), None, extra)
+        conn.handle_request()
+    first, second = seen
+    assert first["x.one"] == 1 and "x.two" not in first
+    assert second["x.two"] == 2 and "x.one" not in second
+    assert first["SCRIPT_NAME"] == second["SCRIPT_NAME"] == "/r"
+    assert (first["REMOTE_ADDR"], first["REMOTE_PORT"]) == ("1.2.3.4", "5")
+    assert first["SERVER_NAME"] == "example.com"  # no server address: from Host
+    first["HTTP_X_CHANGED"] = "by the app"
+    conn = WSGIConnection(FakeTransport(GET), app, options, None, None, {"x.one": 1})
+    conn.handle_request()
+    assert "HTTP_X_CHANGED" not in seen[-1]

@@ -172,3 +172,91 @@ def test_slot_from_environ_takes_the_variable_away(monkeypatch: pytest.MonkeyPat
     assert slot is not None and slot.index == index
     assert SLOT_ENV not in os.environ
     assert slot_from_environ(board) is None
+
+
+def test_a_single_thread_slot_counts_like_a_locked_one() -> None:
+    board = Scoreboard(2)
+    locked_index, single_index = board.allocate(), board.allocate()
+    assert locked_index is not None and single_index is not None
+    locked, single = board.attach(locked_index), board.attach(single_index)
+    single.set_single_thread()
+    cases = [("GET", 200), ("POST", 201), ("BREW", 418), ("GET", 503), ("HEAD", 99), ("PUT", 600)]
+    for slot in (locked, single):
+        for method, status in cases:
+            slot.end(slot.begin(method, "/", "c"), method, status)
+    mine, theirs = board.read(single_index).counts, board.read(locked_index).counts
+    assert mine.by_method_status == theirs.by_method_status
+    assert mine.histogram == theirs.histogram
+    assert mine.requests == theirs.requests == len(cases)
+    # Out-of-range statuses count as 5xx, unknown methods as OTHER (as before).
+    assert mine.by_method_status[method_index("HEAD")][status_index(99)] == 1
+    assert mine.by_method_status[method_index("BREW")][status_index(418)] == 1
+
+
+def test_totals_are_derived_from_the_counts_and_the_entries() -> None:
+    board = Scoreboard(1)
+    index = board.allocate()
+    assert index is not None
+    slot = board.attach(index)
+    first = slot.begin("GET", "/a", "c")
+    second = slot.begin("GET", "/b", "c")
+    view = board.read(index)
+    assert (view.in_flight, view.counts.requests) == (2, 0)
+    slot.end(first, "GET", 200)
+    view = board.read(index)
+    assert (view.in_flight, view.counts.requests) == (1, 1)
+    assert [r.line for r in view.requests] == ["GET /b"]
+    # A timeout the primary counts is not a request.
+    board.count_timeout(index)
+    assert board.read(index).counts.requests == 1
+    slot.end(second, "GET", 200)
+    assert board.read(index).in_flight == 0
+
+
+def test_unlisted_requests_reuse_their_tokens() -> None:
+    board = Scoreboard(1)
+    index = board.allocate()
+    assert index is not None
+    slot = board.attach(index)
+    slot.set_single_thread()
+    for _ in range(3):
+        tokens = [slot.begin("GET", f"/{n}", "c") for n in range(ENTRIES + 3)]
+        assert len(set(tokens)) == ENTRIES + 3
+        assert board.read(index).in_flight == ENTRIES + 3
+        for token in reversed(tokens):
+            slot.end(token, "GET", 200)
+        assert board.read(index).in_flight == 0
+    view = board.read(index)
+    assert view.counts.requests == 3 * (ENTRIES + 3)
+    assert view.requests == []
+    # Three rounds of three unlisted requests used three spare tokens, not nine.
+    assert max(tokens) == ENTRIES + 2
+
+
+def test_an_entry_reused_by_a_shorter_line_shows_only_that_line() -> None:
+    board = Scoreboard(1)
+    index = board.allocate()
+    assert index is not None
+    slot = board.attach(index)
+    slot.end(slot.begin("GET", "/a/long/path?with=query", "2001:db8::1"), "GET", 200)
+    slot.begin("GET", "/", "::1")
+    (request,) = board.read(index).requests
+    assert (request.line, request.client) == ("GET /", "::1")
+
+
+def test_a_repeated_request_gets_a_fresh_start_time() -> None:
+    board = Scoreboard(1)
+    index = board.allocate()
+    assert index is not None
+    slot = board.attach(index)
+    slot.set_single_thread()
+    slot.end(slot.begin("GET", "/health", "10.0.0.1"), "GET", 200)
+    time.sleep(0.05)
+    token = slot.begin("GET", "/health", "10.0.0.1")
+    (request,) = board.read(index).requests
+    assert (request.line, request.client) == ("GET /health", "10.0.0.1")
+    assert request.age < 0.05
+    slot.end(token, "GET", 200)
+    assert board.read(index).requests == []
+    slot.begin("GET", "/health", "10.0.0.2")
+    assert [r.client for r in board.read(index).requests] == ["10.0.0.2"]
