@@ -114,9 +114,12 @@ def test_hup_rereads_the_config_file(serve, tmp_path: Path) -> None:
     config = tmp_path / "forkserve.conf.py"
     config.write_text("workers = 2\n")
     server = start(serve, tmp_path, "-c", str(config), flag=False)
+    first = set(server.workers())
     config.write_text("workers = 3\n")
     server.signal(signal.SIGHUP)
-    wait_for(lambda: serving(server, "v1", 3), 15)
+    # The reload is over once the old workers are gone (two of them and a new
+    # one would already make three answering "v1").
+    wait_for(lambda: serving(server, "v1", 3) and not set(server.workers()) & first, 15)
 
     pids = sorted(server.workers())
     config.write_text('workers = "many"\n')
