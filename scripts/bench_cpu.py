@@ -27,6 +27,11 @@ stopped by process group. Usage::
     python scripts/bench_cpu.py old=fs:/tmp/fs-old new=fs:. --rounds 5
     python scripts/bench_cpu.py new=fs:.:"-k threaded" gthread=gunicorn:gthread
     python scripts/bench_cpu.py new=fs:. --phases --workloads close
+    python scripts/bench_cpu.py old=fs:/tmp/fs-old:"--sched rr" new=fs:.:"--sched rr" \
+        --workers 2 --connections 64
+
+The primary's CPU per request (the arbiter's, for gunicorn) is shown beside
+the workers': under ``--sched rr`` every connection passes through it.
 """
 
 from __future__ import annotations
@@ -160,7 +165,9 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def command(spec: str, port: int, probe_out: str | None) -> tuple[list[str], Path, dict[str, str]]:
+def command(
+    spec: str, port: int, probe_out: str | None, workers: int = 1
+) -> tuple[list[str], Path, dict[str, str]]:
     kind, _, rest = spec.partition(":")
     bind = f"127.0.0.1:{port}"
     env = dict(os.environ)
@@ -168,7 +175,7 @@ def command(spec: str, port: int, probe_out: str | None) -> tuple[list[str], Pat
         tree_text, _, extra = rest.partition(":")
         tree = Path(tree_text).resolve()
         env["PYTHONPATH"] = f"{tree}{os.pathsep}{tree / 'scripts' / 'bench_apps'}"
-        args = [APP, "-w", "1", "-b", bind, "--log-level", "warning", *shlex.split(extra)]
+        args = [APP, "-w", str(workers), "-b", bind, "--log-level", "warning", *shlex.split(extra)]
         if probe_out is not None:
             return [sys.executable, __file__, "--probe", probe_out, "--", *args], tree, env
         return [sys.executable, "-m", "forkserve", *args], tree, env
@@ -177,7 +184,7 @@ def command(spec: str, port: int, probe_out: str | None) -> tuple[list[str], Pat
         apps = ROOT / "scripts" / "bench_apps"
         env["PYTHONPATH"] = str(apps)
         threads = ["--threads", "4"] if rest == "gthread" else []
-        argv = [str(gunicorn), "-w", "1", "-k", rest, *threads, "--log-level", "warning"]
+        argv = [str(gunicorn), "-w", str(workers), "-k", rest, *threads, "--log-level", "warning"]
         return [*argv, "-b", bind, APP], apps, env
     raise SystemExit(f"unknown server spec {spec!r}: use fs:TREE[:ARGS] or gunicorn:sync|gthread")
 
@@ -196,7 +203,7 @@ def run_once(
     spec: str, workload: str, options: argparse.Namespace, probe_out: str | None
 ) -> dict[str, Any]:
     port = free_port()
-    argv, cwd, env = command(spec, port, probe_out)
+    argv, cwd, env = command(spec, port, probe_out, options.workers)
     server = subprocess.Popen(
         argv,
         cwd=cwd,
@@ -210,6 +217,7 @@ def run_once(
         time.sleep(0.7)  # the worker finishes booting
         workers = children(server.pid)
         before = [thread_cpu(pid) for pid in workers]
+        primary_before = sum(thread_cpu(server.pid))
         wrk = ["wrk", "-t1", f"-c{options.connections}", f"-d{options.duration}s"]
         if workload == "close":
             wrk += ["-H", "Connection: close"]
@@ -220,6 +228,7 @@ def run_once(
             timeout=options.duration + 30,
         ).stdout
         after = [thread_cpu(pid) for pid in workers]
+        primary = (sum(thread_cpu(server.pid)) - primary_before) / TICK
         found = re.search(r"(\d+) requests in", out)
         requests = int(found.group(1)) if found else 0
         user = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) / TICK
@@ -228,6 +237,7 @@ def run_once(
             "requests": requests,
             "user_us": user / max(requests, 1) * 1e6,
             "sys_us": system / max(requests, 1) * 1e6,
+            "primary_us": primary / max(requests, 1) * 1e6,
             "rps": requests / options.duration,
             "workers": workers,
         }
@@ -271,6 +281,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--workloads", default="keepalive,close")
     parser.add_argument("--phases", action="store_true", help="per-phase CPU (forkserve only)")
     options = parser.parse_args()
@@ -292,9 +303,12 @@ def main() -> int:
                         result["phases"] = read_phases(probe, result["workers"])
                     results.setdefault((name, workload), []).append(result)
     print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
-    print(f"# wrk -t1 -c{options.connections} -d{options.duration}s, medians of {options.rounds}")
-    print("| workload | server | CPU/request | user | sys | req/s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        f"# {options.workers} worker(s), wrk -t1 -c{options.connections} -d{options.duration}s, "
+        f"medians of {options.rounds}"
+    )
+    print("| workload | server | workers CPU/request | user | sys | primary CPU/request | req/s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for workload in workloads:
         for name in names:
             runs = results[(name, workload)]
@@ -302,8 +316,10 @@ def main() -> int:
             user = statistics.median(r["user_us"] for r in runs)
             system = statistics.median(r["sys_us"] for r in runs)
             rps = statistics.median(r["rps"] for r in runs)
+            primary = statistics.median(r["primary_us"] for r in runs)
             print(
-                f"| {workload} | {name} | {total:.0f} µs | {user:.0f} | {system:.0f} | {rps:.0f} |"
+                f"| {workload} | {name} | {total:.0f} µs | {user:.0f} | {system:.0f} "
+                f"| {primary:.0f} µs | {rps:.0f} |"
             )
     if options.phases:
         for workload in workloads:
