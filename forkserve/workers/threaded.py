@@ -2,38 +2,67 @@
 
 Theory of operation
 -------------------
-The main thread owns every connection that is not being served. It selects on
-the listeners, the signal wakeup pipe, the cluster channel, a pipe on which
-pool threads hand connections back, and the idle connections. A connection
-goes to a pool thread only when it is readable (a request is arriving); the
-thread serves that request, and any the client pipelined behind it, then hands
-the connection back with its parser state. An idle keep-alive client costs a
-file descriptor, not a thread.
+Every connection waiting for a request is armed, one-shot, in an epoll set
+that the pool threads share. A pool thread waits on the set for one ready
+connection, serves the request on it (and any the client pipelined behind
+it), marks a keep-alive connection idle again, re-arms it, and waits again.
+The thread that sees a request is the one that serves it: no hand-off
+between threads and no wake-up of the main thread per request. A
+connection waiting for its next request is in the set and in no thread, so
+an idle keep-alive client costs a file descriptor, not a thread, and the
+kernel hands ready connections out in the order they became ready, so a
+new connection takes its turn with busy keep-alive ones.
 
-Load awareness: the main thread calls ``Listener.accept()`` only while a
-thread is free and the worker holds fewer than ``--worker-connections``
-connections, or holds an idle one it can close to make room (the oldest idle
-keep-alive connection goes first). Under round robin a connection not
-accepted is not acknowledged, so the primary hands the next one to another
-worker; on a shared socket another worker accepts it.
+Accepting. A shared socket (``--sched none``) is in the set too, one-shot
+like a connection: a free thread takes one connection from it, arms it
+again, and serves the connection at once if its request has arrived (else
+the connection joins the set). So only a free thread accepts, in its turn
+with the connections ready before, and a worker whose threads are all busy
+leaves new connections to the other workers. Under round robin connections
+arrive on the cluster channel, which only the main thread touches: it takes
+one while a thread is free, or once a thread has finished a request since
+it last found them all busy, so under load new connections come in at the
+pace requests complete and then wait their turn. When every thread is stuck
+in a slow handler nothing completes and nothing is taken: the connection
+not accepted is not acknowledged, and the primary hands the next ones to
+other workers. Past ``--worker-connections`` a connection is taken only if
+an idle one can be closed to make room (the oldest idle keep-alive
+connection first).
 
-A connection, as the main thread sees it::
+The main thread also watches the idle deadlines, signals and the cluster
+channel.
 
-    accepted -> active                 readable at once and a thread free
-    accepted -> idle                   nothing sent yet (deadline: --header-timeout)
-    idle     -> active | waiting       readable; waiting while no thread is free
-    waiting  -> active                 a thread became free
-    active   -> idle                   response sent, keep-alive (deadline: --keep-alive)
-    active   -> closed                 the thread closed it
-    idle     -> closed                 deadline, room needed, or shutdown
+A connection::
+
+    accepted -> fresh            in the set; deadline --header-timeout
+    accepted -> busy             its request is in: taken by the accepting thread,
+                                 or with the head the primary read (the queue below)
+    fresh    -> busy             readable: a pool thread took it
+    busy     -> fresh            TLS handshake done, no request yet; deadline anew
+    busy     -> kept             response sent, keep-alive; deadline --keep-alive
+    kept     -> busy             readable: the next request, or the client closing
+    busy     -> closed           not kept; its thread closes it
+    fresh, kept -> closed        deadline, room needed, or shutdown (main thread)
+
+A connection whose request head the primary already read
+(``--buffer-request-head``) has its request in hand, not on the socket: it
+goes to a queue that the next free thread takes from, then joins the set.
+
+One lock guards the idle maps, the counts and the flags the two sides
+exchange; a pool thread takes it twice a request, the main thread a few
+times per wake-up. A pool thread that finds the idle entry of a ready
+descriptor gone (the main thread closed it a moment before) ignores the
+event.
 
 Shutdown (SIGTERM, ``--max-requests`` reached, or the primary's disconnect
-closing the listeners): close the listeners, close idle connections, answer
-the requests in progress with ``Connection: close`` and wait for them, at most
+closing the listeners): close the listeners, close idle connections (but
+answer a request that already arrived on one), answer the requests in
+progress with ``Connection: close`` and wait for them, at most
 ``--graceful-timeout``; then leave the cluster.
 
-Only the main thread touches the cluster (accept, acknowledgements, channel);
-pool threads touch their connection and the application only.
+Only the main thread touches the cluster (accept, acknowledgements, channel,
+the request to be recycled); pool threads touch their connection and the
+application only.
 """
 
 from __future__ import annotations
@@ -41,15 +70,13 @@ from __future__ import annotations
 import enum
 import errno
 import os
-import queue
 import select
 import selectors
 import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import deque
 from typing import Any
 
 from forkserve import cluster
@@ -60,26 +87,34 @@ from forkserve.scoreboard import Slot
 from .base import HEARTBEAT_INTERVAL, LOG, WorkerBase, queued_ms
 
 _READ = selectors.EVENT_READ
+# Report the next readiness once, then stay quiet until re-armed: a
+# connection being served wakes no other thread.
+_ONCE = select.EPOLLIN | select.EPOLLONESHOT
 # accept() failures that leave the listener usable: the client left first, or
 # the process is out of descriptors or memory for a moment.
 _ACCEPT_RETRY = (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class _Source(enum.Enum):
-    """Selector keys that are not a listener or a connection."""
+    """Main-thread selector keys that are not a listener."""
 
     WAKEUP = "signal wakeup pipe"
-    RETURNED = "connections handed back by pool threads"
+    THREADS = "pool threads asking the main thread to look again"
     CHANNEL = "cluster channel"
 
 
 class _Conn:
     """One client connection and, once served, its HTTP state."""
 
-    __slots__ = ("addr", "deadline", "initial", "queued_ms", "server", "sock", "used", "wsgi")
+    __slots__ = (
+        "addr", "deadline", "fd", "initial", "queued_ms", "registered", "server", "sock",
+        "used", "wsgi",
+    )  # fmt: skip
 
     def __init__(self, sock: socket.socket, addr: Any, server: Any) -> None:
         self.sock = sock
+        # The key in the epoll set and the idle maps; TLS keeps the descriptor.
+        self.fd = sock.fileno()
         # Bytes the primary read before the hand-off (--buffer-request-head).
         self.initial = b""
         # Milliseconds it waited in the primary (round robin), else None.
@@ -88,8 +123,13 @@ class _Conn:
         self.server = server
         self.wsgi: WSGIConnection | None = None
         self.deadline = 0.0
-        # When the main thread last handed it to a pool thread: orders the
-        # kept-alive connections by last use, whichever thread finishes first.
+        # In the epoll set: from when it first waits there (a connection
+        # served at once and closed never is).
+        self.registered = False
+        # When a thread last took it: the least recently used idle connection
+        # is closed first at the cap. (The idle maps are in the order threads
+        # finished, which a thread that lost the CPU after its response can
+        # get wrong.)
         self.used = 0.0
 
     def close(self) -> None:
@@ -97,72 +137,6 @@ class _Conn:
             self.sock.close()
         except OSError:
             pass
-
-
-class _Pool:
-    """Daemon threads serving connections; finished ones come back through a pipe.
-
-    Daemon threads, so a request still running after ``--graceful-timeout``
-    does not keep the process alive.
-    """
-
-    def __init__(self, size: int, serve: Callable[[_Conn], bool]) -> None:
-        self.size = size
-        self._serve = serve
-        self._jobs: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
-        self._done: deque[tuple[_Conn, bool]] = deque()
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
-        self._threads = [
-            threading.Thread(target=self._main, name=f"forkserve-thread-{n}", daemon=True)
-            for n in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def fileno(self) -> int:
-        return self._read_fd
-
-    def submit(self, conn: _Conn) -> None:
-        self._jobs.put(conn)
-
-    def finished(self) -> list[tuple[_Conn, bool]]:
-        """Connections served since the last call, with whether to keep them."""
-        try:
-            while os.read(self._read_fd, 4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        out: list[tuple[_Conn, bool]] = []
-        while self._done:
-            out.append(self._done.popleft())
-        return out
-
-    def _main(self) -> None:
-        while True:
-            conn = self._jobs.get()
-            if conn is None:
-                return
-            keep = False
-            try:
-                keep = self._serve(conn)
-            except BaseException:
-                LOG.exception("unexpected error serving a connection from %s", conn.addr)
-                conn.close()
-            self._done.append((conn, keep))
-            try:
-                os.write(self._write_fd, b"\0")
-            except (BlockingIOError, InterruptedError):
-                pass  # the pipe is full: the main thread is woken already
-
-    def stop(self, idle: bool) -> None:
-        """Let the threads end; the pipe closes only when no thread can still write to it."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        if idle:
-            os.close(self._read_fd)
-            os.close(self._write_fd)
 
 
 class ThreadedWorker(WorkerBase):
@@ -181,22 +155,45 @@ class ThreadedWorker(WorkerBase):
         self.max_connections = int(config.worker_connections)
         self.keepalive = float(config.keepalive)
         self.header_timeout = float(config.header_timeout)
+        # How long a new connection may stay silent (0: no limit).
+        self._head_wait = self.header_timeout if self.header_timeout > 0 else float("inf")
         self.stopping = False
-        self._count_lock = threading.Lock()
+        # Everything below the lock is shared with the pool threads.
+        self._lock = threading.Lock()
         self._connections = 0
-        self._active: set[_Conn] = set()
-        self._waiting: deque[_Conn] = deque()
-        # Idle connections in the order they became idle: each map's deadlines
-        # grow with that order, so the first entry is the next to expire.
-        self._kept: OrderedDict[_Conn, None] = OrderedDict()
-        self._fresh: OrderedDict[_Conn, None] = OrderedDict()
+        self._busy = 0  # threads serving a connection
+        # Idle connections by descriptor, in the order they became idle: the
+        # deadlines of each map grow with that order, so its first entry is
+        # the next to expire.
+        self._kept: dict[int, _Conn] = {}
+        self._fresh: dict[int, _Conn] = {}
+        self._ready: deque[_Conn] = deque()  # requests already in hand
+        # The main thread found no thread free (or no room) and waits for one
+        # to finish a request; the first to finish sets _turned_over and wakes it.
+        self._want_wake = False
+        self._turned_over = False
+        # Main thread only: a listener had a connection and no budget; the
+        # listeners are not watched until a pool thread wakes the main thread.
+        self._blocked = False
         self._watched: dict[cluster.Listener, int] = {}
         self._server_names: dict[cluster.Listener, Any] = {}
         self._channel_fd = -1
         self._options = HTTPOptions()
         self._extra: dict[str, Any] = {}
         self._selector: selectors.BaseSelector | None = None
-        self._pool: _Pool | None = None
+        self._epoll: select.epoll | None = None
+        self._ready_fd = -1  # counts the queue's entries (a semaphore eventfd)
+        self._stop_fd = -1  # readable once the pool threads must end
+        self._poke_fd = -1  # pool threads -> main thread
+        self._pool: list[threading.Thread] = []
+        # Shared sockets the pool threads accept on: the descriptor of this
+        # worker's duplicate -> (the duplicate, its listener).
+        self._shared: dict[int, tuple[socket.socket, cluster.Listener]] = {}
+        self._parked: list[int] = []  # shared sockets left unarmed at the cap
+        # Idle deadlines are checked at least this often: a connection that
+        # becomes idle while the main thread sleeps is seen by the next look.
+        timeouts = [t / 4 for t in (self.keepalive, self.header_timeout) if t > 0]
+        self._max_sleep = max(0.01, min([HEARTBEAT_INTERVAL, *timeouts]))
 
     # -- main thread ----------------------------------------------------------
 
@@ -205,18 +202,25 @@ class ThreadedWorker(WorkerBase):
         self._options = self.http_options()
         self._extra = self.extra_environ()
         self._selector = selectors.DefaultSelector()
-        self._pool = _Pool(self.threads, self._serve_in_thread)
+        self._start_pool()
         try:
             self._selector.register(self.wakeup_fd, _READ, _Source.WAKEUP)
-            self._selector.register(self._pool.fileno(), _READ, _Source.RETURNED)
+            self._selector.register(self._poke_fd, _READ, _Source.THREADS)
             self._watch_channel()
             for listener in self.listeners:
                 listener.setblocking(False)
+            self._watch_shared()
             self._serve()
             self._shut_down()
         finally:
-            self._pool.stop(idle=not self._active)
-            for conn in [*self._kept, *self._fresh, *self._waiting]:
+            self._forget_shared(every=True)
+            self._stop_pool()
+            with self._lock:
+                left = [*self._kept.values(), *self._fresh.values(), *self._ready]
+                self._kept.clear()
+                self._fresh.clear()
+                self._ready.clear()
+            for conn in left:
                 conn.close()
             self._selector.close()
         if not self.fast_exit:
@@ -234,16 +238,15 @@ class ThreadedWorker(WorkerBase):
                 data = key.data
                 if data is _Source.WAKEUP:
                     self.drain_wakeup()
-                elif data is _Source.RETURNED:
-                    self._collect()
+                elif data is _Source.THREADS:
+                    _drain_eventfd(self._poke_fd)
+                    self._blocked = False
                 elif data is _Source.CHANNEL:
                     self._poll_channel()
-                elif isinstance(data, _Conn):
-                    self._readable(data)
                 else:
                     ready.append(data)
+            self._recycle_if_due()
             self._expire(time.monotonic())
-            self._dispatch_waiting()
             for listener in ready:
                 self._accept_from(listener)
 
@@ -253,21 +256,37 @@ class ThreadedWorker(WorkerBase):
 
     def _shut_down(self) -> None:
         """Stop accepting, close idle connections, let requests in progress finish."""
-        self.stopping = True
+        with self._lock:
+            self.stopping = True
         selector = self._selector
         assert selector is not None
+        self._forget_shared(every=True)
         for listener in self.listeners:
             self._unwatch(listener)
             # Under round robin, connections queued here go back to the primary.
             listener.close()
         self._sweep()
-        for idle in (self._kept, self._fresh):
-            while idle:
-                self._drop(next(iter(idle)))
+        with self._lock:
+            idle = [*self._kept.values(), *self._fresh.values()]
+            self._kept.clear()
+            self._fresh.clear()
+        # A request that already arrived on one is answered (with a close), as
+        # if a thread had taken it a moment earlier; the others close now.
+        arrived = _readable_fds(idle)
+        for conn in idle:
+            if conn.fd in arrived:
+                with self._lock:
+                    self._ready.append(conn)
+                os.eventfd_write(self._ready_fd, 1)
+            else:
+                with self._lock:
+                    self._connections -= 1
+                self._close(conn)
         deadline = time.monotonic() + self.config.graceful_timeout
         while True:
-            self._dispatch_waiting()
-            if not self._active and not self._waiting:
+            with self._lock:
+                running = self._busy + len(self._ready)
+            if not running:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -276,46 +295,57 @@ class ThreadedWorker(WorkerBase):
                     "timeout (%.0fs); exiting",
                     self.worker_id,
                     self.pid,
-                    len(self._active) + len(self._waiting),
+                    running,
                     self.config.graceful_timeout,
                 )
                 return
-            for key, _ in selector.select(remaining):
+            self.beat()
+            for key, _ in selector.select(min(remaining, HEARTBEAT_INTERVAL)):
                 if key.data is _Source.WAKEUP:
                     self.drain_wakeup()
-                elif key.data is _Source.RETURNED:
-                    self._collect()
+                elif key.data is _Source.THREADS:
+                    _drain_eventfd(self._poke_fd)
                 elif key.data is _Source.CHANNEL:
                     self._poll_channel()
 
-    def _free_threads(self) -> int:
-        return self.threads - len(self._active)
+    def _accept_budget(self) -> int:
+        """How many connections to take now (see module doc); 0 asks to be woken."""
+        with self._lock:
+            if self._connections < self.max_connections or self._kept or self._fresh:
+                if self._busy < self.threads:
+                    return self.threads - self._busy
+                if self._turned_over:
+                    return 1
+            self._want_wake = True
+            return 0
 
-    def _has_idle(self) -> bool:
-        return bool(self._kept or self._fresh)
+    def _select_timeout(self) -> float:
+        with self._lock:
+            firsts = [next(iter(idle.values())) for idle in (self._kept, self._fresh) if idle]
+        if not firsts:
+            return self._max_sleep
+        wait = min(conn.deadline for conn in firsts) - time.monotonic()
+        return max(0.0, min(wait, self._max_sleep))
 
-    def _may_accept(self) -> bool:
-        return (
-            self.alive
-            and self._free_threads() > 0
-            and (self._connections < self.max_connections or self._has_idle())
-        )
-
-    def _select_timeout(self) -> float | None:
-        deadlines = [next(iter(idle)).deadline for idle in (self._kept, self._fresh) if idle]
-        beat = HEARTBEAT_INTERVAL if self.slot is not None else None
-        if not deadlines:
-            return beat
-        wait = max(0.0, min(deadlines) - time.monotonic())
-        return wait if beat is None else min(wait, beat)
+    def _recycle_if_due(self) -> None:
+        """Past --max-requests, ask the primary to recycle this worker (main thread only)."""
+        if not self.max_requests or self.recycle_asked:
+            return
+        with self._lock:
+            if self.requests >= self.max_requests:
+                # count_request() counts one request and asks past the limit:
+                # let it count the last one the threads counted.
+                self.requests -= 1
+                self.count_request()
 
     # -- listeners and the cluster channel ------------------------------------
 
     def _update_watching(self) -> None:
-        """Watch the listeners only while this worker would accept (see module doc)."""
-        want = self._may_accept()
+        """Watch the round-robin listeners unless one had a connection this worker
+        could not take."""
+        want = self.alive and not self.stopping and not self._blocked
         for listener in self.listeners:
-            if listener.closed:
+            if listener.closed or listener.raw_socket is not None:
                 continue
             if want and listener not in self._watched:
                 fd = listener.fileno()
@@ -344,8 +374,44 @@ class ThreadedWorker(WorkerBase):
             child.poll()
         self._sweep()
 
+    def _watch_shared(self) -> None:
+        """Put a duplicate of each shared socket in the set, for the pool threads.
+
+        A duplicate, so the worker removes it from the set and closes it when
+        it chooses: the listener itself is closed by the cluster (on the
+        primary's disconnect), and a socket the primary still holds open
+        would stay in the set under a descriptor number free for reuse.
+        """
+        epoll = self._epoll
+        assert epoll is not None
+        for listener in self.listeners:
+            raw = listener.raw_socket
+            if raw is None or listener.closed:
+                continue
+            try:
+                self._server_names[listener] = listener.getsockname()
+            except OSError:
+                self._server_names[listener] = None
+            dup = raw.dup()
+            dup.setblocking(False)
+            self._shared[dup.fileno()] = (dup, listener)
+            epoll.register(dup.fileno(), _ONCE)
+
+    def _forget_shared(self, every: bool) -> None:
+        """Stop accepting on the shared sockets whose listener closed (or on all)."""
+        for fd, (dup, listener) in list(self._shared.items()):
+            if every or listener.closed:
+                del self._shared[fd]
+                if self._epoll is not None:
+                    try:
+                        self._epoll.unregister(fd)
+                    except (OSError, ValueError):
+                        pass
+                dup.close()
+
     def _sweep(self) -> None:
         """Forget closed listeners and a closed channel before their fds are reused."""
+        self._forget_shared(every=False)
         for listener in [item for item in self._watched if item.closed]:
             self._unwatch(listener)
         if self._channel_fd >= 0:
@@ -355,7 +421,12 @@ class ThreadedWorker(WorkerBase):
                 self._channel_fd = -1
 
     def _accept_from(self, listener: cluster.Listener) -> None:
-        while not listener.closed and self._may_accept():
+        if not self.alive or self.stopping:
+            return
+        budget = self._accept_budget()
+        if not budget:
+            self._blocked = True
+        while budget > 0 and not listener.closed:
             try:
                 sock, addr = listener.accept()
             except BlockingIOError:
@@ -365,6 +436,9 @@ class ThreadedWorker(WorkerBase):
                 if listener.closed or exc.errno in _ACCEPT_RETRY:
                     break
                 raise
+            budget -= 1
+            # A turn taken: with every thread busy, the next waits for the next one.
+            self._turned_over = False
             self._sweep()
             self._admit(sock, addr, listener)
         self._sweep()
@@ -378,107 +452,280 @@ class ThreadedWorker(WorkerBase):
                 server = self._server_names[listener] = listener.getsockname()
             except OSError:
                 server = None
-        sock.setblocking(True)
         conn = _Conn(sock, addr, server)
         conn.initial = listener.take_initial_data(sock)
         conn.queued_ms = queued_ms(listener, sock)
-        self._connections += 1
-        if self._connections > self.max_connections:
-            # Count what pool threads already finished (closed or kept) before
-            # deciding that an idle connection must go.
-            self._collect()
-        if self._connections > self.max_connections:
-            self._make_room()
-        if conn.initial or _readable_now(sock):
-            self._start(conn)
-        else:
-            timeout = self.header_timeout
-            self._park(conn, self._fresh, timeout if timeout > 0 else float("inf"))
-
-    def _make_room(self) -> None:
-        idle = self._kept or self._fresh
-        if idle:
-            oldest = next(iter(idle))
-            LOG.debug(
-                "worker %s: %s connections (--worker-connections %s); closing the oldest "
-                "idle one, from %s",
-                self.worker_id,
-                self._connections,
-                self.max_connections,
-                oldest.addr,
-            )
-            self._drop(oldest)
-
-    def _park(self, conn: _Conn, idle: OrderedDict[_Conn, None], timeout: float) -> None:
-        conn.deadline = time.monotonic() + timeout
-        idle[conn] = None
-        assert self._selector is not None
-        self._selector.register(conn.sock, _READ, conn)
-
-    def _unpark(self, conn: _Conn) -> None:
-        self._kept.pop(conn, None)
-        self._fresh.pop(conn, None)
-        assert self._selector is not None
-        try:
-            self._selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-
-    def _drop(self, conn: _Conn) -> None:
-        self._unpark(conn)
-        conn.close()
-        self._connections -= 1
-
-    def _readable(self, conn: _Conn) -> None:
-        self._unpark(conn)
-        if self._free_threads() > 0 and not self._waiting:
-            self._start(conn)
-        else:
-            self._waiting.append(conn)
-
-    def _dispatch_waiting(self) -> None:
-        while self._waiting and self._free_threads() > 0:
-            self._start(self._waiting.popleft())
-
-    def _start(self, conn: _Conn) -> None:
-        conn.used = time.monotonic()
-        self._active.add(conn)
-        assert self._pool is not None
-        self._pool.submit(conn)
-
-    def _collect(self) -> None:
-        assert self._pool is not None
-        for conn, keep in sorted(self._pool.finished(), key=lambda item: item[0].used):
-            self._active.discard(conn)
-            if not keep or self.stopping or not self.alive or self.keepalive <= 0:
-                conn.close()
-                self._connections -= 1
+        epoll = self._epoll
+        assert epoll is not None
+        with self._lock:
+            self._connections += 1
+            dropped = self._pop_oldest_idle() if self._connections > self.max_connections else None
+            if not conn.initial:
+                self._wait_in_set(conn, self._fresh, self._head_wait)
             else:
-                kept = self._kept
-                newest = next(reversed(kept)) if kept else None
-                self._park(conn, kept, self.keepalive)
-                if newest is not None and newest.used > conn.used:
-                    # Threads can hand connections back out of order: keep the
-                    # least recently used first, the one closed at the cap.
-                    ordered = sorted(kept, key=lambda item: item.used)
-                    kept.clear()
-                    kept.update(dict.fromkeys(ordered))
+                self._ready.append(conn)
+        if dropped is not None:
+            self._close_for_room(dropped)
+        if conn.initial:
+            os.eventfd_write(self._ready_fd, 1)
+
+    def _pop_oldest_idle(self) -> _Conn | None:
+        """Under the lock: take the idle connection to close to make room."""
+        idle = self._kept or self._fresh
+        if not idle:
+            return None
+        conn = min(idle.values(), key=_last_used)
+        del idle[conn.fd]
+        self._connections -= 1
+        return conn
+
+    def _wait_in_set(self, conn: _Conn, idle: dict[int, _Conn], timeout: float) -> None:
+        """Under the lock: make ``conn`` idle in ``idle`` and arm it in the set.
+
+        In the map before the set, so a thread that sees it ready finds it;
+        under the lock, so the main thread cannot close it (and its number be
+        reused) before it is in the set. Only the first time registers; after
+        that a pool thread re-arms it with ``_rearm_conn`` outside the lock.
+        """
+        conn.deadline = time.monotonic() + timeout
+        idle[conn.fd] = conn
+        if not conn.registered:
+            assert self._epoll is not None
+            self._epoll.register(conn.fd, _ONCE)
+            conn.registered = True
+
+    def _close_for_room(self, conn: _Conn) -> None:
+        LOG.debug(
+            "worker %s: more than %s connections (--worker-connections); closed the least "
+            "recently used idle one, from %s",
+            self.worker_id,
+            self.max_connections,
+            conn.addr,
+        )
+        self._close(conn)
 
     def _expire(self, now: float) -> None:
-        for idle in (self._kept, self._fresh):
-            while idle:
-                conn = next(iter(idle))
-                if conn.deadline > now:
-                    break
-                self._drop(conn)
+        expired: list[_Conn] = []
+        with self._lock:
+            for idle in (self._kept, self._fresh):
+                while idle:
+                    fd = next(iter(idle))
+                    if idle[fd].deadline > now:
+                        break
+                    expired.append(idle.pop(fd))
+            self._connections -= len(expired)
+            parked: list[int] = []
+            if expired:
+                parked, self._parked = self._parked, []
+        for conn in expired:
+            self._close(conn)
+        self._rearm(parked)
 
-    # -- pool threads ---------------------------------------------------------
+    def _rearm(self, fds: list[int]) -> None:
+        """Arm shared sockets again (left unarmed at --worker-connections)."""
+        for fd in fds:
+            if fd in self._shared:
+                try:
+                    assert self._epoll is not None
+                    self._epoll.modify(fd, _ONCE)
+                except OSError:
+                    pass  # closed since
 
-    def _serve_in_thread(self, conn: _Conn) -> bool:
-        """Serve the requests waiting on ``conn``; True to keep it open (it stays open then)."""
-        keep = False
+    def _close(self, conn: _Conn) -> None:
+        """Close a connection no thread holds and no idle map lists."""
+        if conn.registered and self._epoll is not None:
+            # Before the close: a copy of the socket still open elsewhere (the
+            # primary's, under round robin) would keep it in the set.
+            try:
+                self._epoll.unregister(conn.fd)
+            except (OSError, ValueError):
+                pass
+        conn.close()
+
+    # -- the pool -------------------------------------------------------------
+
+    def _start_pool(self) -> None:
+        self._epoll = select.epoll()
+        flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+        self._ready_fd = os.eventfd(0, flags | os.EFD_SEMAPHORE)
+        self._stop_fd = os.eventfd(0, flags)
+        self._poke_fd = os.eventfd(0, flags)
+        # Level-triggered: every waiting thread sees these until they are read.
+        self._epoll.register(self._ready_fd, select.EPOLLIN)
+        self._epoll.register(self._stop_fd, select.EPOLLIN)
+        # Daemon threads, so a request still running after --graceful-timeout
+        # does not keep the process alive.
+        self._pool = [
+            threading.Thread(target=self._thread_main, name=f"forkserve-thread-{n}", daemon=True)
+            for n in range(self.threads)
+        ]
+        for thread in self._pool:
+            thread.start()
+
+    def _stop_pool(self) -> None:
+        """Let the threads end; the descriptors close only when no thread can still use them."""
+        if self._epoll is None:
+            return
+        os.eventfd_write(self._stop_fd, 1)
+        with self._lock:
+            idle = self._busy == 0 and not self._ready
+        if not idle:
+            return
+        deadline = time.monotonic() + 1.0
+        for thread in self._pool:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self._pool):
+            return
+        self._epoll.close()
+        for fd in (self._ready_fd, self._stop_fd, self._poke_fd):
+            os.close(fd)
+
+    def _thread_main(self) -> None:
+        epoll = self._epoll
+        assert epoll is not None
+        lock = self._lock
+        kept, fresh, ready = self._kept, self._fresh, self._ready
+        ready_fd, stop_fd = self._ready_fd, self._stop_fd
+        while True:
+            try:
+                events = epoll.poll(-1, 1)
+            except (OSError, ValueError):
+                return  # the set is closed: the worker is exiting
+            for fd, _ in events:
+                if fd == stop_fd:
+                    return
+                shared = self._shared.get(fd)
+                if shared is not None:
+                    try:
+                        self._accept_shared(fd, *shared)
+                    except Exception:
+                        LOG.exception("worker %s: accepting a connection failed", self.worker_id)
+                    continue
+                if fd == ready_fd:
+                    try:
+                        os.eventfd_read(ready_fd)
+                    except BlockingIOError:
+                        continue  # another thread took it
+                    with lock:
+                        conn = ready.popleft()
+                        self._busy += 1
+                else:
+                    with lock:
+                        found = kept.pop(fd, None) or fresh.pop(fd, None)
+                        if found is None:
+                            continue  # closed by the main thread a moment ago
+                        conn = found
+                        self._busy += 1
+                self._run(conn)
+
+    def _accept_shared(self, fd: int, sock: socket.socket, listener: cluster.Listener) -> None:
+        """A free thread takes one connection from a shared socket and serves it
+        at once if its request has arrived."""
+        epoll = self._epoll
+        assert epoll is not None
+        with self._lock:
+            if self.stopping:
+                return
+            if self._connections >= self.max_connections and not (self._kept or self._fresh):
+                self._parked.append(fd)  # armed again when a connection closes
+                return
+            self._connections += 1
         try:
-            wsgi = conn.wsgi
+            new, addr = sock.accept()
+        except OSError as exc:
+            with self._lock:
+                self._connections -= 1
+            if isinstance(exc, BlockingIOError) or exc.errno in _ACCEPT_RETRY:
+                self._rearm([fd])  # another worker took it, or the client left
+            elif fd in self._shared:
+                LOG.error("worker %s: accept on %s failed: %s", self.worker_id, listener, exc)
+                self.alive = False
+                os.eventfd_write(self._poke_fd, 1)
+            return
+        self._rearm([fd])
+        conn = _Conn(new, addr, self._server_names.get(listener))
+        arrived = _has_arrived(new)
+        with self._lock:
+            dropped = self._pop_oldest_idle() if self._connections > self.max_connections else None
+            if arrived:
+                self._busy += 1
+            else:
+                try:
+                    self._wait_in_set(conn, self._fresh, self._head_wait)
+                except OSError:
+                    self._fresh.pop(conn.fd, None)
+                    self._connections -= 1
+                    conn.close()
+                    raise
+        if dropped is not None:
+            self._close_for_room(dropped)
+        if arrived:
+            self._run(conn)
+
+    def _run(self, conn: _Conn) -> None:
+        """Serve ``conn`` in this thread, then keep it idle or close it."""
+        keep = False
+        rearm = False
+        served = 0
+        conn.used = time.monotonic()
+        try:
+            keep, served = self._serve_connection(conn)
+        except BaseException:
+            LOG.exception("unexpected error serving a connection from %s", conn.addr)
+        with self._lock:
+            self._busy -= 1
+            self.requests += served
+            if keep and not self.stopping and self.alive:
+                assert conn.wsgi is not None
+                rearm = conn.registered
+                if conn.wsgi.requests_served:
+                    self._wait_in_set(conn, self._kept, self.keepalive)
+                else:  # a TLS handshake done, the request still to come
+                    self._wait_in_set(conn, self._fresh, self._head_wait)
+            else:
+                keep = False
+                self._connections -= 1
+            # Room again (one closed, or one idle to close): arm what the cap left unarmed.
+            parked = self._parked
+            if parked:
+                self._parked = []
+            wake = self._want_wake or self.stopping or not self.alive
+            if self._want_wake:
+                self._want_wake = False
+                self._turned_over = True
+            if self.max_requests and self.requests >= self.max_requests:
+                wake = wake or not self.recycle_asked
+        if keep:
+            if rearm:
+                self._rearm_conn(conn)
+        else:
+            # The count above no longer includes it when the client sees the close.
+            self._close(conn)
+        if parked:
+            self._rearm(parked)
+        if wake:
+            os.eventfd_write(self._poke_fd, 1)
+
+    def _rearm_conn(self, conn: _Conn) -> None:
+        """Arm a registered connection for its next request (outside the lock).
+
+        The main thread may have closed it since (shutdown, room), and its
+        number may already be another connection's: arming that one too is
+        harmless, its thread finds it busy and ignores the event.
+        """
+        assert self._epoll is not None
+        try:
+            self._epoll.modify(conn.fd, _ONCE)
+        except OSError:
+            pass
+
+    def _serve_connection(self, conn: _Conn) -> tuple[bool, int]:
+        """Serve the requests waiting on ``conn``: (keep it open?, requests served)."""
+        keep = False
+        tls = self.ssl_context is not None
+        wsgi = conn.wsgi
+        before = wsgi.requests_served if wsgi is not None else 0
+        try:
             if wsgi is None:
                 # TLS handshakes happen here, not in the main thread.
                 conn.sock = self.prepare_connection(conn.sock)
@@ -492,38 +739,62 @@ class ThreadedWorker(WorkerBase):
                     initial_data=conn.initial,
                     queued_ms=conn.queued_ms,
                 )
-                conn.initial = b""
                 # Asked as each response head is built, so what the head says
                 # (keep-alive or close) is what happens to the connection.
                 wsgi.keep_alive_check = self._not_draining
+                if tls and not conn.initial and not _tls_pending(conn.sock):
+                    # The client may send its request only now: it waits in
+                    # the set, not in this thread.
+                    return True, 0
+                conn.initial = b""
             if self.stopping or self.keepalive <= 0:
                 wsgi.close_after_response = True
             while True:
-                served = wsgi.requests_served
                 keep = wsgi.handle_request()
-                if wsgi.requests_served != served:
-                    with self._count_lock:
-                        self.count_request()
                 if not keep:
                     break
                 if not self.alive:
                     keep = False
                     break
-                if not (wsgi.has_pending_data or _tls_pending(conn.sock)):
+                if not (wsgi.has_pending_data or (tls and _tls_pending(conn.sock))):
                     break
         except (OSError, ssl.SSLError) as exc:
             LOG.debug("connection from %s ended: %s", conn.addr, exc)
             keep = False
-        # A connection not kept is closed by the main thread when it collects
-        # it, so the client sees the close only once the worker's count of
-        # connections no longer includes it.
-        return keep
+        served = wsgi.requests_served - before if wsgi is not None else 0
+        return keep, served
 
 
-def _readable_now(sock: socket.socket) -> bool:
+def _last_used(conn: _Conn) -> float:
+    return conn.used
+
+
+def _has_arrived(sock: socket.socket) -> bool:
+    """Whether the client sent something (or closed, or failed) already."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _readable_fds(conns: list[_Conn]) -> set[int]:
+    """The descriptors among ``conns`` with something to read now."""
+    if not conns:
+        return set()
     poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+    for conn in conns:
+        poller.register(conn.fd, select.POLLIN)
+    return {fd for fd, _ in poller.poll(0)}
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
 
 
 def _tls_pending(sock: socket.socket) -> bool:

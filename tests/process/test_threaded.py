@@ -10,8 +10,11 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -138,6 +141,41 @@ def test_connection_cap_closes_the_oldest_idle_connection(serve, sched):
 
 
 @pytest.mark.parametrize("sched", SCHEDS)
+def test_at_the_connection_cap_a_new_client_waits_for_a_free_slot(serve, sched, tmp_path):
+    """At --worker-connections with none idle to close, a free thread does not take the
+    next client; it is taken once a connection closes, not refused and not forgotten."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    server = start(
+        serve, sched, "-w", "1", "--threads", "2", "--worker-connections", "1",
+        env={"THREADED_TEST_MARKS": str(marks)},
+    )  # fmt: skip
+    slow: list[bytes] = []
+    blocker = threading.Thread(target=lambda: slow.append(server.get("/slow?1.0", timeout=10)))
+    blocker.start()
+    wait_for(lambda: os.listdir(marks), timeout=5.0)
+    began = time.monotonic()
+    reply = server.get("/pid", timeout=10)
+    waited = time.monotonic() - began
+    blocker.join(10)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert slow and slow[0].startswith(b"HTTP/1.1 200")
+    assert 0.3 < waited < 5.0, waited
+
+
+def test_a_buffered_request_head_and_the_requests_after_it(serve):
+    """With --buffer-request-head the first request comes with the connection (the
+    primary read it); the next ones on that connection are read from the socket."""
+    server = start(serve, "rr", "-w", "1", "--threads", "2", "--buffer-request-head")
+    with server.connect() as sock:
+        for path in ("/", "/pid", "/"):
+            head, body = keepalive_get(sock, path)
+            assert head.startswith(b"HTTP/1.1 200") and body, (path, head)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n" * 2)
+        assert [read_response(sock)[1] for _ in range(2)] == [b"Hello, world!"] * 2
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
 def test_keepalive_timeout_closes_an_idle_connection(serve, sched):
     server = start(serve, sched, "-w", "1", "--keep-alive", "1")
     with server.connect() as sock:
@@ -219,6 +257,31 @@ def test_graceful_stop_completes_requests_in_flight(serve, sched, tmp_path: Path
         assert status == 200
         assert body.startswith(b"slept 1.0")
         assert connection == "close", "a response during shutdown must close its connection"
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+def test_graceful_stop_answers_a_request_waiting_for_a_thread(serve, sched, tmp_path: Path):
+    """A keep-alive client whose next request came in while the only thread was busy
+    gets its answer (with a close) when the server stops, not a closed connection."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    server = start(
+        serve, sched, "-w", "1", "--threads", "1", env={"THREADED_TEST_MARKS": str(marks)}
+    )
+    slow: list[bytes] = []
+    with server.connect() as waiting:
+        assert keepalive_get(waiting)[0].startswith(b"HTTP/1.1 200")
+        blocker = threading.Thread(target=lambda: slow.append(server.get("/slow?1.0", timeout=10)))
+        blocker.start()
+        wait_for(lambda: os.listdir(marks), timeout=5.0)
+        waiting.sendall(b"GET /pid HTTP/1.1\r\nHost: test\r\n\r\n")
+        server.signal(signal.SIGTERM)
+        head, body = read_response(waiting, timeout=10.0)
+        blocker.join(10)
+    assert head.startswith(b"HTTP/1.1 200") and body.isdigit(), head
+    assert b"connection: close" in head.lower()
+    assert slow and slow[0].startswith(b"HTTP/1.1 200")
+    assert server.wait(15) == 0
 
 
 @pytest.mark.parametrize("sched", SCHEDS)
@@ -308,3 +371,111 @@ def test_a_busy_worker_leaves_new_connections_to_a_free_one(serve, sched, tmp_pa
     assert len(durations) == 6 and slow
     delayed = [d for d in durations if d > 1.0]
     assert len(delayed) <= (1 if sched == "rr" else 0), durations
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+def test_busy_keepalive_clients_do_not_starve_a_new_connection(serve, sched):
+    """Keep-alive clients sending requests back to back keep every thread busy; a new
+    client is still answered within a few of their requests, not once they stop."""
+    server = start(serve, sched, "-w", "1", "--threads", "2", "--keep-alive", "30")
+    stop = threading.Event()
+    served = [0]
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            with server.connect() as sock:
+                while not stop.is_set():
+                    head, _ = keepalive_get(sock, "/slow?0.02")
+                    assert head.startswith(b"HTTP/1.1 200"), head
+                    served[0] += 1
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+
+    clients = [threading.Thread(target=hammer) for _ in range(8)]
+    for client in clients:
+        client.start()
+    try:
+        # Every client is being served and more requests wait than there are threads.
+        wait_for(lambda: served[0] >= 40, timeout=10.0)
+        began = time.monotonic()
+        with server.connect() as sock:
+            try:
+                head, body = keepalive_get(sock)
+            except TimeoutError:
+                head, body = b"no answer within 5 s", b""
+        waited = time.monotonic() - began
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(10)
+    assert not errors, errors
+    assert head.startswith(b"HTTP/1.1 200") and body == b"Hello, world!", head
+    # 8 clients on 2 threads, 20 ms a request: a fair turn is about 80 ms.
+    assert waited < 1.0, f"a new connection waited {waited:.2f}s behind busy keep-alive ones"
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+def test_tls_clients_between_handshake_and_request_hold_no_thread(serve, sched, tmp_path):
+    """A TLS client that finished its handshake but has not sent its request yet waits
+    without a thread: more such clients than threads do not delay the next one."""
+    cert, key = make_certificate(tmp_path)
+    server = start(
+        serve, sched, "-w", "1", "--threads", "2", "--certfile", str(cert), "--keyfile", str(key),
+        ready=False,
+    )  # fmt: skip
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+
+    def handshake(timeout: float = 3.0) -> ssl.SSLSocket:
+        raw = socket.create_connection((server.host, server.port), timeout=timeout)
+        try:
+            return context.wrap_socket(raw, server_hostname="localhost")
+        except BaseException:
+            raw.close()
+            raise
+
+    def get(tls: ssl.SSLSocket) -> bytes:
+        """One keep-alive GET / (13-byte body): the whole response."""
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        data = b""
+        while not data.endswith(b"Hello, world!"):
+            chunk = tls.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed after {data!r}")
+            data += chunk
+        return data
+
+    def answers() -> bool:
+        with contextlib.suppress(OSError, ssl.SSLError), handshake() as tls:
+            return get(tls).startswith(b"HTTP/1.1 200")
+        return False
+
+    wait_for(answers, timeout=15.0)
+    quiet = [handshake() for _ in range(4)]
+    try:
+        began = time.monotonic()
+        with handshake() as tls:
+            assert get(tls).startswith(b"HTTP/1.1 200")
+        assert time.monotonic() - began < 2.0
+        for tls in quiet:
+            assert get(tls).startswith(b"HTTP/1.1 200")
+    finally:
+        for tls in quiet:
+            tls.close()
