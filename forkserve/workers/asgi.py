@@ -20,6 +20,12 @@ uvicorn's protocol only the bytes it has accepted. uvicorn's own access log
 is off: requests are logged through ``format_access`` like every other
 worker class, and counted for ``--max-requests``.
 
+Between uvicorn and the application sits one layer, ``request_hooks``: the
+scoreboard, the access log, ``--request-timeout`` (one loop timer, no task),
+proxy headers (uvicorn's handling, run only for a request that carries
+them) and ``ResponseGuard``. The ``send`` it gives the application is a
+plain function returning uvicorn's awaitable: no coroutine per message.
+
 What the application sends passes ``ResponseGuard`` before uvicorn: a
 response head with an invalid header is answered 500 instead (uvicorn would
 drop the connection unanswered), and while the primary drains
@@ -36,11 +42,11 @@ This is the only module of forkserve that imports uvicorn.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -49,6 +55,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.server import ServerState
 
 from forkserve import cluster, log
@@ -58,7 +65,7 @@ from forkserve.http.accesslog import AccessRecord
 from forkserve.http.response import check_header
 from forkserve.scoreboard import FLAG_CANCELS_OWN, Slot
 
-from .asgi_guard import GuardedConnection, GuardOptions
+from .asgi_guard import GroupedTimers, GuardedConnection, GuardOptions
 from .base import LOG, WorkerBase, queued_ms
 
 Scope = MutableMapping[str, Any]
@@ -241,67 +248,112 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-# -- requests: access log and counting ------------------------------------------
+# -- requests: the scoreboard, the access log, the deadline, response checks --------
 
 
 def request_hooks(
     app: ASGIApp,
-    access_log: Callable[[AccessRecord], None] | None,
-    on_done: Callable[[], None] | None,
-    root_path: str,
-    pid: int,
-    worker_id: int,
+    responses: ResponseGuard,
+    access_log: Callable[[AccessRecord], None] | None = None,
+    on_done: Callable[[], None] | None = None,
+    root_path: str = "",
+    pid: int = 0,
+    worker_id: int = 0,
     observer: Slot | None = None,
     request_timeout: float = 0.0,
+    forwarded: ASGIApp | None = None,
 ) -> ASGIApp:
-    """``app`` wrapped to account for each HTTP request: the scoreboard, the
-    access log, ``on_done`` after it, and the --request-timeout deadline
+    """``app`` wrapped to account for and check each HTTP request, in one layer.
+
+    The scoreboard (``observer``), the access log, ``on_done`` after each
+    request (counting for --max-requests), the --request-timeout deadline
     (past it the request's task is logged with its stack and cancelled, and
-    the client gets a 503 if no response had started)."""
+    the client gets a 503 if no response had started), and ``responses``
+    (the checks of ``ResponseGuard``) on what the application sends. A
+    feature that is off costs nothing per request: the ``send`` given to the
+    application is a plain function that returns uvicorn's awaitable, so it
+    adds no coroutine per message.
+
+    ``forwarded`` rewrites a scope's client and scheme from proxy headers
+    (``proxy_rewriter``); it runs, before anything else sees the scope, only
+    for a request that carries one of ``FORWARDING_HEADERS``.
+    """
     prefix = root_path.encode("latin-1")
+    checked_start = responses.checked_start
+    known_headers = _VALID_HEADERS.issuperset
+    logging_on = access_log is not None
 
     def target_of(scope: Scope) -> str:
         raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8")
         if prefix and raw.startswith(prefix):
             raw = raw[len(prefix) :]
-        query = scope.get("query_string") or b""
+        query = scope.get("query_string")
         return (raw + b"?" + query if query else raw).decode("latin-1")
 
     async def hooked(scope: Scope, receive: Receive, send: Send) -> None:
-        waited = take_queued(scope)
+        if forwarded is not None:
+            for name, _ in scope["headers"]:
+                if name in FORWARDING_HEADERS:
+                    await forwarded(scope, receive, send)
+                    break
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        started = time.time()
-        clock = time.perf_counter()
         status = 0
-        headers: list[tuple[bytes, bytes]] = []
-        sent = 0
+        refused: ResponseError | None = None
+        # What the access log needs of the response: [bytes sent, headers].
+        noted: list[Any] | None = [0, ()] if logging_on else None
         method = scope["method"]
+        target = target_of(scope) if observer is not None or logging_on else ""
         client = scope.get("client")
         peer = str(client[0]) if client else ""
-        target = target_of(scope)
         token = observer.begin(method, target, peer) if observer is not None else None
 
-        async def send_and_note(message: Message) -> None:
-            nonlocal status, headers, sent
-            kind = message["type"]
-            if kind == "http.response.start":
+        def noted_send(message: Message) -> Awaitable[None]:
+            nonlocal status, refused
+            if refused is not None:
+                return _dropped()
+            if message["type"] == "http.response.start":
                 status = int(message["status"])
-                headers = list(message.get("headers") or ())
-            elif kind == "http.response.body":
-                sent += len(message.get("body") or b"")
-            await send(message)
+                headers = message.get("headers")
+                # The usual response repeats headers already checked: one
+                # C-level set test, no copy.
+                try:
+                    known = (
+                        (type(headers) is list or type(headers) is tuple)
+                        and not responses.closing
+                        and known_headers(headers)
+                    )
+                except TypeError:  # a pair that is not a tuple: checked one by one
+                    known = False
+                if not known:
+                    try:
+                        message = checked_start(message)
+                    except ResponseError as exc:
+                        refused = exc
+                        status = 500
+                        return _refuse(scope, send, exc)
+                if noted is not None:
+                    noted[1] = message.get("headers") or ()
+            elif noted is not None and message["type"] == "http.response.body":
+                noted[0] += len(message.get("body") or b"")
+            return send(message)
 
+        if logging_on:
+            waited = take_queued(scope)
+            started = time.time()
+            clock = time.perf_counter()
+        deadline = Deadline(request_timeout, method, target, peer) if request_timeout > 0 else None
         try:
-            if request_timeout <= 0:
-                await app(scope, receive, send_and_note)
-            elif not await run_with_deadline(
-                app(scope, receive, send_and_note),
-                request_timeout,
-                f"{method} {target}",
-                peer,
-            ):
+            try:
+                await app(scope, receive, noted_send)
+            except ResponseError as exc:
+                if exc is not refused:
+                    raise  # the application's own: uvicorn logs it and answers 500
+            except asyncio.CancelledError:
+                if deadline is None or not deadline.expired():
+                    raise
+            if deadline is not None and deadline.expired():
                 if observer is not None:
                     observer.count_timeout()
                 if not status:
@@ -309,22 +361,23 @@ def request_hooks(
                     await send(TIMEOUT_START)
                     await send(TIMEOUT_BODY)
         finally:
+            if deadline is not None:
+                deadline.cancel()
             # uvicorn answers 500 for an app that failed before starting a response.
-            if token is not None:
-                assert observer is not None
+            if token is not None and observer is not None:
                 observer.end(token, method, status or 500)
-            if access_log is not None:
+            if access_log is not None and noted is not None:
                 record = AccessRecord(
                     method=method,
                     target=target,
                     http_version=scope.get("http_version", "1.1"),
                     status=status or 500,
-                    bytes_sent=0 if method == "HEAD" else sent,
+                    bytes_sent=0 if method == "HEAD" else noted[0],
                     request_headers=[
                         (n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]
                     ],
                     response_headers=[
-                        (n.decode("latin-1"), v.decode("latin-1")) for n, v in headers
+                        (n.decode("latin-1"), v.decode("latin-1")) for n, v in noted[1]
                     ],
                     start_time=started,
                     duration=time.perf_counter() - clock,
@@ -341,6 +394,34 @@ def request_hooks(
                 on_done()
 
     return hooked
+
+
+# The request headers uvicorn's ProxyHeadersMiddleware reads (names as
+# uvicorn gives them: lower case), and RFC 7239's: without any of them the
+# middleware leaves the scope as it is, so it need not run.
+FORWARDING_HEADERS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
+
+
+def proxy_rewriter(trusted: list[str]) -> ASGIApp:
+    """uvicorn's proxy header handling alone: it rewrites the scope of a
+    request from a ``trusted`` peer in place and calls nothing else."""
+    # uvicorn types ASGI messages as TypedDicts; ours are plain mappings.
+    rewriter: Any = ProxyHeadersMiddleware(_unchanged, trusted_hosts=trusted)  # type: ignore[arg-type]
+    return rewriter
+
+
+async def _unchanged(scope: Scope, receive: Receive, send: Send) -> None:
+    """The application behind ``proxy_rewriter``: the scope is all it is for."""
+
+
+async def _dropped() -> None:
+    """What ``send`` does after a refused response: nothing."""
+
+
+async def _refuse(scope: Scope, send: Send, error: ResponseError) -> None:
+    LOG.error("invalid response to %s: %s", request_line(scope), error)
+    await send_error(send)
+    raise error
 
 
 # How long a connection waited in the primary (round robin), for the access
@@ -390,33 +471,52 @@ def awaiting(task: asyncio.Future[Any]) -> list[tuple[FrameType, int]]:
     return frames
 
 
-async def run_with_deadline(call: Awaitable[None], limit: float, line: str, client: str) -> bool:
-    """Await ``call`` in a task of its own for at most ``limit`` seconds.
+class Deadline:
+    """--request-timeout for the request running in the current task.
 
-    Past the deadline the task is logged with where it waits, cancelled, and
-    False returned; the app's own exceptions propagate as without a deadline.
+    One timer on the loop, no task of its own: when it fires, the task is
+    logged with where it waits and cancelled; ``expired()`` tells the
+    request's code that the ``CancelledError`` it sees came from here.
     """
-    inner = asyncio.ensure_future(call)
-    try:
-        done, _ = await asyncio.wait({inner}, timeout=limit)
-    except asyncio.CancelledError:
-        inner.cancel()
-        raise
-    if done:
-        inner.result()
-        return True
-    stack = "".join(traceback.format_list(traceback.StackSummary.extract(awaiting(inner))))
-    LOG.error(
-        "request exceeded --request-timeout (%.1fs); cancelling it: %s from %s\n%s",
-        limit,
-        line.encode("unicode_escape").decode("ascii"),
-        client or "-",
-        stack.rstrip() or "  (no Python stack)",
-    )
-    inner.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await inner
-    return False
+
+    __slots__ = ("_fired", "_handle", "_limit", "_line", "_peer", "_task")
+
+    def __init__(self, limit: float, method: str, target: str, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task(loop)
+        self._limit = limit
+        self._line = f"{method} {target}"
+        self._peer = peer
+        self._fired = False
+        self._handle: asyncio.TimerHandle | None = loop.call_at(loop.time() + limit, self._expire)
+
+    def expired(self) -> bool:
+        return self._fired
+
+    def cancel(self) -> None:
+        """The request is over: the timer goes, and so does a cancellation it made."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()
+        task = self._task
+        if self._fired and task is not None and sys.version_info >= (3, 11):
+            task.uncancel()
+
+    def _expire(self) -> None:
+        self._handle = None
+        task = self._task
+        if task is None or task.done():
+            return
+        self._fired = True
+        stack = "".join(traceback.format_list(traceback.StackSummary.extract(awaiting(task))))
+        LOG.error(
+            "request exceeded --request-timeout (%.1fs); cancelling it: %s from %s\n%s",
+            self._limit,
+            self._line.encode("unicode_escape").decode("ascii"),
+            self._peer or "-",
+            stack.rstrip() or "  (no Python stack)",
+        )
+        task.cancel()
 
 
 # -- responses: header checks and draining -----------------------------------------
@@ -435,15 +535,16 @@ _VALID_HEADERS_MAX = 1024
 class ResponseGuard:
     """What the application sends for HTTP is checked before uvicorn sees it.
 
-    ``wrap(app)`` is the application uvicorn calls. A response head with a
-    header name that is not a token, or a value holding CR, LF or NUL, never
-    reaches uvicorn (which would drop the connection unanswered): the client
-    gets a 500 that closes the connection, the error is logged once with the
-    request line, and the application's ``send`` raises ``ResponseError``;
-    what it sends after that is dropped. While ``closing`` (the primary's
-    --drain-delay) every response head carries ``Connection: close``, so
-    uvicorn closes each connection after its response. WebSocket and
-    lifespan scopes pass through untouched.
+    ``checked_start(message)`` is applied (by ``request_hooks``) to every
+    ``http.response.start``. A response head with a header name that is not
+    a token, or a value holding CR, LF or NUL, never reaches uvicorn (which
+    would drop the connection unanswered): the client gets a 500 that closes
+    the connection, the error is logged once with the request line, and the
+    application's ``send`` raises ``ResponseError``; what it sends after that
+    is dropped. While ``closing`` (the primary's --drain-delay) every
+    response head carries ``Connection: close``, so uvicorn closes each
+    connection after its response. WebSocket and lifespan scopes pass
+    through untouched.
     """
 
     __slots__ = ("closing",)
@@ -451,46 +552,22 @@ class ResponseGuard:
     def __init__(self) -> None:
         self.closing = False
 
-    def wrap(self, app: ASGIApp) -> ASGIApp:
-        guard = self
-
-        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            refused: ResponseError | None = None
-
-            async def checked_send(message: Message) -> None:
-                nonlocal refused
-                if refused is not None:
-                    return
-                if message["type"] == "http.response.start":
-                    headers = message.get("headers") or ()
-                    if type(headers) is not list and type(headers) is not tuple:
-                        headers = list(headers)  # an iterator: read once, here
-                        message = {**message, "headers": headers}
-                    try:
-                        check_headers(headers)
-                    except (ResponseError, TypeError, ValueError) as exc:
-                        refused = (
-                            exc
-                            if isinstance(exc, ResponseError)
-                            else ResponseError(f"invalid headers: {exc}")
-                        )
-                        LOG.error("invalid response to %s: %s", request_line(scope), refused)
-                        await send_error(send)
-                        raise refused from None
-                    if guard.closing:
-                        message = {**message, "headers": closing_headers(headers)}
-                await send(message)
-
-            try:
-                await app(scope, receive, checked_send)
-            except ResponseError as exc:
-                if exc is not refused:
-                    raise  # the application's own: uvicorn logs it and answers 500
-
-        return guarded
+    def checked_start(self, message: Message) -> Message:
+        """``message`` (an ``http.response.start``) as uvicorn may send it, or
+        ResponseError when its headers cannot be sent."""
+        headers = message.get("headers") or ()
+        if type(headers) is not list and type(headers) is not tuple:
+            headers = list(headers)  # an iterator: read once, here
+            message = {**message, "headers": headers}
+        try:
+            check_headers(headers)
+        except ResponseError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ResponseError(f"invalid headers: {exc}") from None
+        if self.closing:
+            message = {**message, "headers": closing_headers(headers)}
+        return message
 
 
 def check_headers(headers: Any) -> None:
@@ -566,17 +643,21 @@ class ASGIWorker(WorkerBase):
         self.state = ServerState()
         self.responses = ResponseGuard()
         self.uvicorn_config = self._uvicorn_config()
-        self.guard = GuardOptions(
-            # The front end validates and frames; uvicorn decodes what it
-            # accepted, so no second parse is needed here.
-            backend="framing",
-            limits=self.http_options().limits,
-            header_timeout=config.header_timeout,
-            websockets=self.ws_class is not None,
-            busy=_busy,
-            responding=_responding,
-            hold=_hold,
-        )
+        # Read once: a setting costs a lookup through Config.__getattr__.
+        self._protocol_class: Any = self.uvicorn_config.http_protocol_class
+        self.guard: GuardOptions | None = None
+        if config.asgi_guard != "off":
+            self.guard = GuardOptions(
+                # The front end validates and frames; uvicorn decodes what it
+                # accepted, so no second parse is needed here.
+                backend="framing",
+                limits=self.http_options().limits,
+                websockets=self.ws_class is not None,
+                busy=_busy,
+                responding=_responding,
+                hold=_hold,
+            )
+        self.head_deadlines = GroupedTimers(self.loop, config.header_timeout)
         self._stop = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self._accepting: set[asyncio.Task[None]] = set()
@@ -595,18 +676,18 @@ class ASGIWorker(WorkerBase):
         access_log = self.access_logger()
         # Only the access log (Q) needs a connection's wait in the primary.
         self.notes_queued = access_log is not None
-        app: ASGIApp = self.responses.wrap(self.app)
-        if access_log is not None or self.max_requests or self.slot or config.request_timeout:
-            app = request_hooks(
-                app,
-                access_log,
-                self._request_done if self.max_requests else None,
-                config.root_path,
-                self.pid,
-                self.worker_id,
-                self.slot,
-                config.request_timeout,
-            )
+        app = request_hooks(
+            self.app,
+            self.responses,
+            access_log,
+            self._request_done if self.max_requests else None,
+            config.root_path,
+            self.pid,
+            self.worker_id,
+            self.slot,
+            config.request_timeout,
+            proxy_rewriter(list(config.forwarded_allow_ips)),
+        )
         if self.slot is not None:
             self.slot.set_flags(FLAG_CANCELS_OWN)
         level = config.loglevel if config.loglevel != "info" else "warning"
@@ -620,8 +701,8 @@ class ASGIWorker(WorkerBase):
             log_config=None,
             log_level=level,
             access_log=False,
-            proxy_headers=True,
-            forwarded_allow_ips=list(config.forwarded_allow_ips),
+            # Applied by request_hooks, only to requests that carry proxy headers.
+            proxy_headers=False,
             root_path=config.root_path,
             # uvicorn counts the connection asking too: N + 1 lets N be served,
             # and answers 503 to a request on the connection past them.
@@ -693,19 +774,19 @@ class ASGIWorker(WorkerBase):
     def _make_protocol(self, waited: float | None = None) -> asyncio.Protocol:
         """uvicorn's protocol behind forkserve's strict front end (asgi_guard);
         ``waited``: milliseconds the connection waited in the primary."""
-        cls: Any = self.uvicorn_config.http_protocol_class
         state = self.lifespan.state
         if waited is not None:
             state = {**state, QUEUED_KEY: [waited]}
-        protocol: asyncio.Protocol = cls(
+        protocol: asyncio.Protocol = self._protocol_class(
             config=self.uvicorn_config,
             server_state=self.state,
             app_state=state,
             _loop=self.loop,
         )
-        if self.config.asgi_guard == "off":
+        guard = self.guard
+        if guard is None:
             return protocol
-        return GuardedConnection(protocol, self.guard, self.loop)
+        return GuardedConnection(protocol, guard, self.head_deadlines)
 
     async def _accept_handed_over(self, listener: cluster.Listener) -> None:
         """Round robin: attach each connection the primary hands this worker."""

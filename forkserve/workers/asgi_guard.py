@@ -16,6 +16,15 @@ byte to uvicorn only once the parser has accepted it:
   ``EndOfMessage`` (the guard calls ``start_next_cycle`` there: uvicorn
   answers the requests, the guard only validates them).
 
+Most requests need less: when a connection is at a message boundary and
+one receive holds exactly one whole request head without a body, a single
+regular expression and a few byte scans (``plain_head``) show that the full
+parser would accept it, and the bytes go to uvicorn at once. The check
+accepts only a subset of what the parser accepts (origin-form target, one
+Host, no Content-Length, Transfer-Encoding or Upgrade, within the size
+limits); anything else, a head split over several receives included, takes
+the parser's path, which is created only then.
+
 A violation (``HTTPError``) forwards nothing of the offending bytes: the
 guard answers forkserve's error response with the error's status and closes
 the connection. When an earlier response of the connection is still being
@@ -31,7 +40,10 @@ In PASSTHROUGH the transport talks to uvicorn's WebSocket protocol directly.
 
 ``--header-timeout``: a connection that has not completed a request head
 within it after connecting, or after it started the next one, is closed;
-with ``408`` if part of a head had arrived.
+with ``408`` if part of a head had arrived. The deadlines of a worker's
+connections share a few loop timers (``GroupedTimers``): a connection
+joins the group of the moment and leaves it with its head, so most
+connections never arm or cancel a timer of their own.
 
 This module does not import uvicorn; the worker (``asgi.py``) passes what
 the guard needs to know about uvicorn's protocol as plain callables.
@@ -41,13 +53,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from forkserve.errors import HTTPError
 from forkserve.http.events import NEED_DATA, EndOfMessage, ParserLimits, Request
-from forkserve.http.parser import make_parser
+from forkserve.http.parser import RequestParser, make_parser
 from forkserve.http.response import DateCache, error_response
 
 LOG = logging.getLogger("forkserve.asgi")
@@ -58,12 +71,34 @@ ERROR_RETRY = 0.02
 
 _DATE = DateCache()
 
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = rb":[^\x00-\x08\x0a-\x1f\x7f]*"
+# A field line other than Host and the ones that frame a body or switch
+# protocols (names are case-insensitive: RFC 9110 §5.1).
+_OTHER_FIELD = rb"\r\n(?!(?i:content-length|transfer-encoding|upgrade|host):)" + _TOKEN + _VALUE
+# One whole request head with exactly one Host and no body, in the strict
+# grammar of RFC 9112 §3 and §5 that the parser's head validation applies,
+# restricted further: HTTP/1.0 or 1.1, an origin-form target (which CONNECT
+# may not use), field values without a control character but HTAB. It cannot
+# match a bare CR or LF, and it ends at the first empty line.
+_PLAIN_HEAD = re.compile(
+    rb"(?!CONNECT )" + _TOKEN + rb" /[\x21-\x7e]* HTTP/1\.[01]"
+    rb"(?:" + _OTHER_FIELD + rb")*\r\n(?i:host)" + _VALUE + rb"(?:" + _OTHER_FIELD + rb")*"
+    rb"\r\n\r\n"
+)
+# How many heads ``plain_head`` remembers (it forgets all at once), and up to
+# which size: a repeated head costs a hash instead of the regular expression.
+_SEEN_HEADS = 256
+_SEEN_HEAD_MAX = 2048
+# The shortest head: "A / HTTP/1.1" CRLF, field lines of at least "a:" CRLF,
+# CRLF. A head of at most this plus 4 bytes per allowed field cannot hold more.
+_MIN_HEAD = 16
+
 
 @dataclass(frozen=True, slots=True)
 class GuardOptions:
     backend: str
     limits: ParserLimits
-    header_timeout: float
     websockets: bool  # uvicorn has a WebSocket protocol to switch to
     # True while uvicorn's protocol has a response in progress or queued.
     busy: Callable[[Any], bool]
@@ -72,6 +107,92 @@ class GuardOptions:
     # Stops uvicorn's keep-alive timer: the next head has begun arriving.
     hold: Callable[[Any], None]
     server: bytes = b"forkserve"
+    # The longest head ``plain_head`` takes: no line of it can then pass
+    # --limit-request-line or --limit-request-field-size.
+    plain_max: int = field(init=False)
+    # Heads up to this long cannot pass --limit-request-fields: not counted.
+    plain_uncounted: int = field(init=False)
+    # Heads ``plain_head`` took lately, byte for byte: clients repeat theirs.
+    plain_seen: set[bytes] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        limits = self.limits
+        plain_max = min(limits.max_request_line, limits.max_header_field_size)
+        object.__setattr__(self, "plain_max", plain_max)
+        object.__setattr__(self, "plain_uncounted", _MIN_HEAD + 4 * limits.max_header_fields)
+        object.__setattr__(self, "plain_seen", set())
+
+
+def plain_head(data: bytes, options: GuardOptions) -> bool:
+    """True when ``data`` is exactly one whole request head, with one Host and
+    no body, that forkserve's parser accepts as it is.
+
+    False says nothing about validity: the parser decides those.
+    """
+    seen = options.plain_seen
+    if data in seen:
+        return True
+    size = len(data)
+    if size > options.plain_max or _PLAIN_HEAD.fullmatch(data) is None:
+        return False
+    # Field lines: the CRLFs but the request line's and the empty line's.
+    fields = options.limits.max_header_fields
+    if size > options.plain_uncounted and data.count(b"\r\n") - 2 > fields:
+        return False
+    if size <= _SEEN_HEAD_MAX:
+        if len(seen) >= _SEEN_HEADS:
+            seen.clear()
+        seen.add(data)
+    return True
+
+
+Group = dict[Any, Callable[[], object]]
+
+
+class GroupedTimers:
+    """Deadlines of one length (``delay``) for many connections, on few loop timers.
+
+    ``join(key, callback)`` starts one: the key joins the group of the
+    current ``period`` (a dict, so ``group.pop(key)`` stops it); at the end
+    of the period a loop timer seals the group and, if any key is still in
+    it, arms one more that calls their callbacks ``delay`` later. A deadline
+    so passes between ``delay`` and ``delay + period`` after it started,
+    for the cost of a dict insertion instead of a loop timer.
+    """
+
+    __slots__ = ("_group", "_period", "delay", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self.loop = loop
+        self.delay = delay
+        self._period = min(max(delay / 10, 0.01), 0.5)
+        self._group: Group | None = None
+
+    def join(self, key: Any, callback: Callable[[], object]) -> Group:
+        """Start ``key``'s deadline; the result is the group to leave."""
+        group = self._group
+        if group is None:
+            group = self._group = {}
+            self.loop.call_later(self._period, self._seal, group)
+        group[key] = callback
+        return group
+
+    def _seal(self, group: Group) -> None:
+        self._group = None
+        if group:
+            self.loop.call_later(self.delay, self._expire, group)
+
+    def _expire(self, group: Group) -> None:
+        for key in list(group):
+            callback = group.pop(key, None)
+            if callback is None:
+                continue  # an earlier callback of the group stopped it
+            try:
+                callback()
+            except Exception as exc:
+                self.loop.call_exception_handler(
+                    {"message": "exception in a grouped timer", "exception": exc}
+                )
 
 
 class GuardedConnection(asyncio.Protocol):
@@ -79,32 +200,36 @@ class GuardedConnection(asyncio.Protocol):
 
     __slots__ = (
         "_at_start",
+        "_deadlines",
         "_failed",
         "_held",
+        "_idle",
         "_in_body",
         "_left",
-        "_loop",
         "_open",
         "_options",
         "_parser",
-        "_timer",
         "_unparsed",
         "_upgrade",
+        "_watch",
         "inner",
         "transport",
     )
 
     def __init__(
-        self, inner: asyncio.Protocol, options: GuardOptions, loop: asyncio.AbstractEventLoop
+        self, inner: asyncio.Protocol, options: GuardOptions, deadlines: GroupedTimers
     ) -> None:
         self.inner = inner
         self._options = options
-        self._loop = loop
-        parser = make_parser(options.backend, options.limits)
-        self._parser = parser
+        self._deadlines = deadlines
+        # Made by ``_make_parser`` for the first receive ``plain_head`` cannot take.
+        self._parser: RequestParser | None = None
         # The parser's bytes not consumed yet: what was received and is not
         # accepted is exactly their length.
-        self._unparsed = parser.unparsed
+        self._unparsed: bytes | bytearray = b""
+        # At a message boundary with nothing held: the next receive may
+        # take the ``plain_head`` path.
+        self._idle = True
         self._held: bytes | bytearray = b""  # received, not yet forwarded
         self._at_start = True  # the next byte forwarded begins a message
         self._open = False  # a head was accepted, its message is not complete
@@ -112,7 +237,8 @@ class GuardedConnection(asyncio.Protocol):
         self._upgrade = False  # the current message asks for a WebSocket
         self._left = -1  # bytes the parser held after the last message it completed
         self._failed = False
-        self._timer: asyncio.TimerHandle | None = None
+        # The deadline group this connection waits for a head in (``deadlines``).
+        self._watch: Group | None = None
         self.transport: asyncio.Transport | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------
@@ -124,9 +250,17 @@ class GuardedConnection(asyncio.Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._idle and plain_head(data, self._options):
+            watch = self._watch
+            if watch is not None:
+                del watch[self]
+                self._watch = None
+            self.inner.data_received(data)
+            return
         if self._failed:
             return
-        parser = self._parser
+        self._idle = False
+        parser = self._parser or self._make_parser()
         held = self._held
         if held:
             if type(held) is bytes:
@@ -141,13 +275,20 @@ class GuardedConnection(asyncio.Protocol):
             self._advance()
         except HTTPError as exc:
             self._fail(exc)
+            return
+        # Back at a boundary once everything received has been forwarded.
+        self._idle = not self._held and not self._open and not self._failed
 
     def eof_received(self) -> bool | None:
         if self._failed:
             return None
+        self._idle = False
+        parser = self._parser
+        if parser is None:
+            return self.inner.eof_received()  # nothing held: nothing to refuse
         self._left = -1
         try:
-            self._parser.feed(b"")
+            parser.feed(b"")
             self._advance()
         except HTTPError as exc:
             self._fail(exc)
@@ -167,9 +308,16 @@ class GuardedConnection(asyncio.Protocol):
 
     # -- validation ------------------------------------------------------------
 
+    def _make_parser(self) -> RequestParser:
+        parser = make_parser(self._options.backend, self._options.limits)
+        self._parser = parser
+        self._unparsed = parser.unparsed
+        return parser
+
     def _advance(self) -> None:
         """Pull events until the parser needs more bytes; forward what it accepted."""
         parser = self._parser
+        assert parser is not None
         while True:
             event = parser.next_event()
             kind = type(event)
@@ -192,7 +340,7 @@ class GuardedConnection(asyncio.Protocol):
                     self._forward(len(self._held) - len(self._unparsed))
             elif event is NEED_DATA:
                 self._forward(len(self._held) - len(self._unparsed))
-                if self._timer is None and parser.has_buffered_data:
+                if self._watch is None and parser.has_buffered_data:
                     # The next head began: --header-timeout, not --keep-alive, from here.
                     self._options.hold(self.inner)
                     self._arm_header_timer()
@@ -220,15 +368,17 @@ class GuardedConnection(asyncio.Protocol):
     def _switch_protocols(self) -> bool:
         """After a valid upgrade request: hand it over; True once uvicorn switched."""
         self._upgrade = False
+        self._idle = False
         transport = self.transport
-        assert transport is not None
+        parser = self._parser
+        assert transport is not None and parser is not None
         self._forward(len(self._held) - len(self._unparsed))
         protocol = transport.get_protocol()
         if protocol is self:
             return False  # uvicorn answered it as plain HTTP: keep validating
         self._cancel_timer()
         rest, self._held = self._held, b""
-        self._parser.discard_unparsed()
+        parser.discard_unparsed()
         if rest and isinstance(protocol, asyncio.Protocol):
             protocol.data_received(bytes(rest))
         return True
@@ -242,6 +392,7 @@ class GuardedConnection(asyncio.Protocol):
             self._open = False
             self._forward(len(self._held) - self._left)
         self._failed = True
+        self._idle = False
         self._held = b""
         self._cancel_timer()
         transport = self.transport
@@ -266,7 +417,7 @@ class GuardedConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if self._options.busy(self.inner):
-            self._loop.call_later(ERROR_RETRY, self._answer_when_idle, status, message)
+            self._deadlines.loop.call_later(ERROR_RETRY, self._answer_when_idle, status, message)
             return
         self._answer(status, message)
 
@@ -277,17 +428,18 @@ class GuardedConnection(asyncio.Protocol):
         transport.close()
 
     def _arm_header_timer(self) -> None:
-        timeout = self._options.header_timeout
-        if timeout > 0:
-            self._timer = self._loop.call_later(timeout, self._header_timeout)
+        deadlines = self._deadlines
+        if deadlines.delay > 0 and self._watch is None:
+            self._watch = deadlines.join(self, self._header_timeout)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        watch = self._watch
+        if watch is not None:
+            watch.pop(self, None)
+            self._watch = None
 
     def _header_timeout(self) -> None:
-        self._timer = None
+        self._watch = None
         transport = self.transport
         if self._failed or transport is None or transport.is_closing():
             return
@@ -297,7 +449,9 @@ class GuardedConnection(asyncio.Protocol):
             self._arm_header_timer()
             return
         self._failed = True
-        if self._parser.has_buffered_data:
+        self._idle = False
+        parser = self._parser
+        if parser is not None and parser.has_buffered_data:
             self._answer(408, "request head not received in time")
         else:
             transport.close()

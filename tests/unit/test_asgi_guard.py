@@ -1,0 +1,419 @@
+"""The asgi worker's strict front end (``asgi_guard``), in memory.
+
+A fake transport and a recording inner protocol stand in for uvloop and
+uvicorn. The fast path (``plain_head``) must never accept what the parser
+refuses: a generated corpus of heads, valid and broken, is checked against
+the parser. The whole front end runs the request corpus, and the head
+deadlines run on a real event loop with short timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forkserve.errors import HTTPError
+from forkserve.http.events import NEED_DATA, EndOfMessage, ParserLimits, Request
+from forkserve.http.parser import make_parser
+from forkserve.workers import asgi_guard
+from forkserve.workers.asgi_guard import (
+    GroupedTimers,
+    GuardedConnection,
+    GuardOptions,
+    plain_head,
+)
+
+CORPUS = Path(__file__).resolve().parent.parent / "requests"
+INVALID = sorted((CORPUS / "invalid").glob("*.http"))
+VALID = sorted((CORPUS / "valid").glob("*.http"))
+# Vectors that stop mid-message: only the client's half-close shows it.
+INCOMPLETE = {
+    "head_incomplete",
+    "cl_body_incomplete",
+    "chunk_body_incomplete",
+    "chunk_no_last_chunk",
+}
+# Vectors whose head is valid and whose body framing is not.
+BODY_LEVEL = {p.stem for p in INVALID if p.stem.startswith("chunk_")} | {
+    "chunked_over_max_body",
+    "cl_body_incomplete",
+}
+
+
+def options(limits: ParserLimits | None = None) -> GuardOptions:
+    return GuardOptions(
+        backend="framing",
+        limits=limits or ParserLimits(),
+        websockets=False,
+        busy=lambda inner: False,
+        responding=lambda inner: False,
+        hold=lambda inner: None,
+    )
+
+
+class Inner(asyncio.Protocol):
+    """uvicorn's place: records what the front end forwards."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+    def eof_received(self) -> None:
+        self.eof = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closing = False
+        self.protocol: Any = None
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def connect(
+    loop: asyncio.AbstractEventLoop, opts: GuardOptions | None = None, timeout: float = 0.0
+) -> tuple[GuardedConnection, Inner, Transport]:
+    inner = Inner()
+    guard = GuardedConnection(inner, opts or options(), GroupedTimers(loop, timeout))
+    transport = Transport()
+    transport.protocol = guard
+    guard.connection_made(transport)  # type: ignore[arg-type]
+    return guard, inner, transport
+
+
+def status_written(transport: Transport) -> int:
+    assert transport.written.startswith(b"HTTP/1.1 "), bytes(transport.written[:80])
+    return int(transport.written.split(b" ", 2)[1])
+
+
+# -- plain_head never accepts what the parser refuses ----------------------------------
+
+
+def parser_verdict(data: bytes, limits: ParserLimits) -> str:
+    """'plain' for one whole bodyless head and nothing else, else what it is."""
+    parser = make_parser("framing", limits)
+    parser.feed(data)
+    try:
+        first = parser.next_event()
+        second = parser.next_event()
+    except HTTPError as exc:
+        return f"error {exc.status}"
+    if not isinstance(first, Request):
+        return "incomplete"
+    if not isinstance(second, EndOfMessage):
+        return "body"
+    parser.start_next_cycle()
+    if parser.next_event() is not NEED_DATA or parser.unparsed:
+        return "more"
+    return "plain"
+
+
+FIELDS = [
+    b"Host: example.com",
+    b"host:x",
+    b"HOST: a",
+    b"Host : x",
+    b" Host: x",
+    b"Host: a\tb",
+    b"Content-Length: 0",
+    b"content-length: 5",
+    b"Transfer-Encoding: chunked",
+    b"Upgrade: websocket",
+    b"Connection: close",
+    b"Connection: keep-alive, Upgrade",
+    b"Expect: 100-continue",
+    b"X-A: b\x01",
+    b"X-A: b\x7f",
+    b"X-A: caf\xc3\xa9",
+    b"X A: b",
+    b": b",
+    b"X-A",
+    b"X-A:",
+    b"X-A: b\rc",
+    b"X-A: b\nc",
+    b"\tfolded",
+    b"X-Forwarded-For: 203.0.113.7",
+    b"Hostx: y",
+    b"X-Long: " + b"v" * 90,
+]
+LINES = [
+    b"GET / HTTP/1.1",
+    b"GET / HTTP/1.0",
+    b"POST /a?b=c HTTP/1.1",
+    b"CONNECT / HTTP/1.1",
+    b"CONNECT x:80 HTTP/1.1",
+    b"OPTIONS * HTTP/1.1",
+    b"GET http://x/ HTTP/1.1",
+    b"get / HTTP/1.1",
+    b"GET  / HTTP/1.1",
+    b"GET / HTTP/2.0",
+    b"GET / HTTP/1.2",
+    b"GET / http/1.1",
+    b"GET /a b HTTP/1.1",
+    b"GET /\x7f HTTP/1.1",
+    b"GET /\xff HTTP/1.1",
+    b"G(T / HTTP/1.1",
+    b"GET /" + b"a" * 90 + b" HTTP/1.1",
+]
+LIMITS = [
+    ParserLimits(),
+    ParserLimits(max_request_line=40, max_header_fields=2, max_header_field_size=60),
+    ParserLimits(max_header_fields=0),
+]
+NOISE = [b"\r", b"\n", b"\x00", b" ", b"\t", b":", b"\r\n", b"\x80", b"a", b"/"]
+
+
+def generated_heads(seed: int, count: int) -> Iterator[bytes]:
+    rng = random.Random(seed)
+    for _ in range(count):
+        fields = rng.sample(FIELDS, rng.randint(0, 4))
+        if rng.random() < 0.6:
+            fields.insert(rng.randint(0, len(fields)), b"Host: a")
+        head = b"\r\n".join([rng.choice(LINES), *fields]) + b"\r\n\r\n"
+        if rng.random() < 0.3:  # a stray byte anywhere
+            at = rng.randrange(len(head) + 1)
+            head = head[:at] + rng.choice(NOISE) + head[at + rng.randint(0, 1) :]
+        if rng.random() < 0.1:
+            head = b"\r\n" + head
+        if rng.random() < 0.1:
+            head += rng.choice([b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"x", b"\r\n"])
+        yield head
+
+
+@pytest.mark.parametrize("limits", LIMITS, ids=["default", "small", "no-fields"])
+def test_plain_head_accepts_only_what_the_parser_accepts_whole_and_bodyless(
+    limits: ParserLimits,
+) -> None:
+    opts = options(limits)
+    accepted = 0
+    for head in itertools.chain(generated_heads(7, 4000), (p.read_bytes() for p in VALID)):
+        if plain_head(head, opts):
+            accepted += 1
+            assert parser_verdict(head, limits) == "plain", head
+    if limits.max_header_fields:
+        assert accepted > 50  # the corpus exercises the fast path
+
+
+def test_plain_head_takes_the_usual_requests() -> None:
+    opts = options()
+    for head in [
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n",
+        b"GET /p?q=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"HEAD /x HTTP/1.0\r\nhost: a\r\nUser-Agent: t/1 (x; y)\r\nAccept: */*\r\n\r\n",
+        b"DELETE /r HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nHost: a\r\nCookie: a=b; c=d\r\n\r\n",
+    ]:
+        assert plain_head(head, opts), head
+    for head in [
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",  # framing: the parser's
+        b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",  # two heads
+        b"GET / HTTP/1.1\r\nHost: a\r\n",  # not whole yet
+        b"GET / HTTP/1.0\r\n\r\n",  # no Host
+    ]:
+        assert not plain_head(head, opts), head
+
+
+def test_plain_head_respects_every_limit() -> None:
+    head = b"GET /abc HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\n\r\n"
+    assert plain_head(head, options(ParserLimits(max_header_fields=3)))
+    assert not plain_head(head, options(ParserLimits(max_header_fields=2)))
+    assert not plain_head(head, options(ParserLimits(max_request_line=16)))
+    assert not plain_head(head, options(ParserLimits(max_header_field_size=8)))
+    many = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 150 + b"\r\n"
+    assert not plain_head(many, options())
+    assert parser_verdict(many, ParserLimits()) == "error 431"
+
+
+# -- the front end ------------------------------------------------------------------
+
+
+def test_a_whole_plain_head_is_forwarded_without_a_parser(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_parser(*args: Any) -> Any:
+        raise AssertionError("the parser was built for a plain head")
+
+    monkeypatch.setattr(asgi_guard, "make_parser", no_parser)
+    guard, inner, transport = connect(loop)
+    heads = [b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % n for n in range(3)]
+    for head in heads:
+        guard.data_received(head)
+    assert bytes(inner.received) == b"".join(heads)
+    assert not transport.written
+
+
+def test_the_parser_takes_over_and_hands_back(loop: asyncio.AbstractEventLoop) -> None:
+    guard, inner, transport = connect(loop)
+    chunked = (
+        b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    plain = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    for step in range(0, len(chunked), 5):  # split everywhere
+        guard.data_received(chunked[step : step + 5])
+    guard.data_received(plain)
+    guard.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n")
+    assert bytes(inner.received) == chunked + plain
+    assert status_written(transport) == 400 and transport.closing
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_invalid_vectors_are_answered_and_never_forwarded_whole(
+    loop: asyncio.AbstractEventLoop, path: Path
+) -> None:
+    expected = json.loads(path.with_suffix(".json").read_text())
+    data = path.read_bytes()
+    for step in (len(data), 1):
+        guard, inner, transport = connect(loop, options(ParserLimits(**expected.get("limits", {}))))
+        for at in range(0, len(data), step):
+            guard.data_received(data[at : at + step])
+        if path.stem in INCOMPLETE:
+            guard.eof_received()
+        assert status_written(transport) == expected["status"], (step, path.stem)
+        assert transport.closing
+        if path.stem in BODY_LEVEL:  # the head was valid: uvicorn has it
+            assert bytes(inner.received) != data or path.stem in INCOMPLETE
+        else:
+            assert not inner.received, bytes(inner.received)
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)
+def test_valid_vectors_are_forwarded_intact(loop: asyncio.AbstractEventLoop, path: Path) -> None:
+    data = path.read_bytes()
+    for step in (len(data), 1, 7):
+        guard, inner, transport = connect(loop)
+        for at in range(0, len(data), step):
+            guard.data_received(data[at : at + step])
+        assert not transport.written, (step, bytes(transport.written))
+        # Empty lines before a request are the front end's to skip.
+        assert bytes(inner.received).replace(b"\r\n", b"") == data.replace(b"\r\n", b""), step
+
+
+# -- the head deadline --------------------------------------------------------------------
+
+
+def test_head_deadlines_close_silent_and_slow_connections_only(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    timeout = 0.1
+    silent = connect(loop, timeout=timeout)
+    slow = connect(loop, timeout=timeout)
+    prompt = connect(loop, timeout=timeout)
+    slow[0].data_received(b"GET / HTTP/1.1\r\n")
+    prompt[0].data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    began = loop.time()
+    loop.run_until_complete(asyncio.sleep(timeout * 0.8))
+    assert not silent[2].closing and not slow[2].closing
+    deadline = began + 2.0
+    while not (silent[2].closing and slow[2].closing) and loop.time() < deadline:
+        loop.run_until_complete(asyncio.sleep(0.01))
+    assert silent[2].closing and not silent[2].written  # nothing to answer
+    assert slow[2].closing and status_written(slow[2]) == 408
+    assert not prompt[2].closing and not prompt[2].written
+    # Each waited at least the timeout, and at most one period more (plus slack).
+    assert timeout * 0.8 <= loop.time() - began < timeout * 1.1 + 0.5
+
+
+def test_a_kept_alive_connection_gets_the_deadline_again_for_a_partial_head(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    held = []
+    opts = GuardOptions(
+        backend="framing",
+        limits=ParserLimits(),
+        websockets=False,
+        busy=lambda inner: False,
+        responding=lambda inner: False,
+        hold=held.append,
+    )
+    guard, inner, transport = connect(loop, opts, timeout=0.05)
+    guard.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    loop.run_until_complete(asyncio.sleep(0.2))
+    assert not transport.closing  # idle after a request: uvicorn's keep-alive, not ours
+    guard.data_received(b"GET /next HTTP/1.1\r\n")
+    assert held == [inner]  # uvicorn's keep-alive timer stopped
+    deadline = loop.time() + 2.0
+    while not transport.closing and loop.time() < deadline:
+        loop.run_until_complete(asyncio.sleep(0.01))
+    assert status_written(transport) == 408
+
+
+def test_a_connection_that_leaves_stops_its_deadline(loop: asyncio.AbstractEventLoop) -> None:
+    guard, inner, transport = connect(loop, timeout=0.05)
+    guard.connection_lost(None)
+    loop.run_until_complete(asyncio.sleep(0.2))
+    assert inner.lost and not transport.closing and not transport.written
+
+
+def test_plain_head_remembers_a_bounded_number_of_heads() -> None:
+    opts = options()
+    for n in range(600):
+        assert plain_head(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % n, opts)
+    assert 0 < len(opts.plain_seen) <= 256
+    large = b"GET / HTTP/1.1\r\nHost: a\r\nX-Large: " + b"v" * 3000 + b"\r\n\r\n"
+    assert plain_head(large, opts) and large not in opts.plain_seen
+    refused = b"GET / HTTP/1.1\r\nHost: a\r\nX-Bad: \x01\r\n\r\n"
+    assert not plain_head(refused, opts) and refused not in opts.plain_seen
+
+
+def test_grouped_timers_fire_late_never_early_and_survive_a_failing_callback(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    timers = GroupedTimers(loop, 0.1)
+    fired: dict[str, float] = {}
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda loop, context: errors.append(context))
+
+    def fail() -> None:
+        fired["fail"] = loop.time()
+        raise RuntimeError("boom")
+
+    began = loop.time()
+    timers.join("fail", fail)
+    timers.join("kept", lambda: fired.setdefault("kept", loop.time()))
+    stopped = timers.join("stopped", lambda: fired.setdefault("stopped", loop.time()))
+    stopped.pop("stopped")
+    loop.run_until_complete(asyncio.sleep(0.05))
+    timers.join("later", lambda: fired.setdefault("later", loop.time()))
+    loop.run_until_complete(asyncio.sleep(0.5))
+    assert set(fired) == {"fail", "kept", "later"}
+    for name in ("fail", "kept"):
+        assert 0.1 <= fired[name] - began + 0.002 < 0.1 + 0.01 + 0.3
+    assert [str(e["exception"]) for e in errors] == ["boom"]
