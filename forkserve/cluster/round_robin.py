@@ -335,15 +335,19 @@ class RoundRobinHandle:
             if not self._watches:
                 self._admit(conn, b"", now)
                 continue
-            # Under load the client's bytes are usually there already: look
-            # once before paying for a watch (a reader and a timer).
-            watch = _Watch(accepted=now)
-            verdict = self._look(conn, watch)
-            if verdict is None:
-                self._watch(conn, watch)
-            else:
-                self._settle(conn, watch, verdict)
+            self._take_in(conn, _Watch(accepted=now))
         self._update_reading()
+
+    def _take_in(self, conn: socket.socket, watch: _Watch) -> None:
+        """Queue ``conn`` if its bytes are there, else watch it until they are.
+
+        Under load the client's bytes are usually there already: one look
+        spares the watch (a reader and a timer)."""
+        verdict = self._look(conn, watch)
+        if verdict is None:
+            self._watch(conn, watch)
+        else:
+            self._settle(conn, watch, verdict)
 
     def _admit(self, conn: socket.socket, data: bytes, accepted: float) -> None:
         """Queue a connection, or hand it to ``on_overflow`` when the queue is full."""
@@ -393,12 +397,7 @@ class RoundRobinHandle:
         if self.closed or self.paused or self.park_timeout <= 0:
             _close(conn)
             return
-        watch = _Watch(accepted=time.monotonic(), parked=True)
-        verdict = self._look(conn, watch)
-        if verdict is None:
-            self._watch(conn, watch)
-        else:
-            self._settle(conn, watch, verdict)
+        self._take_in(conn, _Watch(accepted=time.monotonic(), parked=True))
         self._update_reading()
 
     def _look(self, conn: socket.socket, watch: _Watch) -> bool | None:
