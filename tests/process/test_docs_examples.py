@@ -129,7 +129,9 @@ def test_example_fork_timeouts():
 def test_example_worker_id():
     lines = finite("09_worker_id.py")
     assert lines[0] == "I am primary"
-    assert sorted(lines[1:]) == ["I am worker #1", "I am worker #2"]
+    # Two workers print at the same moment: their lines may interleave.
+    said = re.findall(r"I am worker #\d+", "".join(lines[1:]))
+    assert sorted(said) == ["I am worker #1", "I am worker #2"]
 
 
 def test_example_exited_after_disconnect():
