@@ -13,6 +13,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
 
+# The HTTP request corpus: tests/requests/{valid,invalid}/*.http
+CORPUS = Path(__file__).resolve().parent / "requests"
+INVALID = sorted((CORPUS / "invalid").glob("*.http"))
+VALID = sorted((CORPUS / "valid").glob("*.http"))
+# Vectors that stop in the middle of a message: the server can only tell once
+# the client half-closes. Pipelined bytes may legitimately complete them.
+INCOMPLETE = frozenset(
+    {"head_incomplete", "cl_body_incomplete", "chunk_body_incomplete", "chunk_no_last_chunk"}
+)
+# Vectors whose head is valid and whose body framing is not: the app is
+# called (bodies are streamed) but reading the body fails before the end.
+BODY_LEVEL = frozenset(
+    {p.stem for p in INVALID if p.stem.startswith("chunk_")}
+    | {"chunked_over_max_body", "cl_body_incomplete"}
+)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

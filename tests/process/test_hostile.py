@@ -43,30 +43,13 @@ from test_http import (
 )
 
 from tests.conftest import Server
-from tests.helpers import ROOT, wait_for
+from tests.helpers import BODY_LEVEL, INCOMPLETE, INVALID, VALID, wait_for
 
-CORPUS = ROOT / "tests" / "requests"
-INVALID = sorted((CORPUS / "invalid").glob("*.http"))
-VALID = sorted((CORPUS / "valid").glob("*.http"))
 CLASSES = ["sync", "threaded", "asgi"]
 APPS_BY_CLASS = {"asgi": "hostile_asgi:recorder"}
 TARGETS = [(k, s, h) for k in CLASSES for s in SCHEDS for h in PARSERS]
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
-# Vectors that stop in the middle of a message: the server can only tell once
-# the client half-closes. Pipelined bytes may legitimately complete them.
-INCOMPLETE = {
-    "head_incomplete",
-    "cl_body_incomplete",
-    "chunk_body_incomplete",
-    "chunk_no_last_chunk",
-}
-# Vectors whose head is valid and whose body framing is not: the app is
-# called (bodies are streamed) but wsgi.input raises before the end.
-BODY_LEVEL = {p.stem for p in INVALID if p.stem.startswith("chunk_")} | {
-    "chunked_over_max_body",
-    "cl_body_incomplete",
-}
 _LIMIT_FLAGS = {
     "max_body": "--limit-request-body",
     "max_header_field_size": "--limit-request-field-size",

@@ -29,22 +29,7 @@ from forkserve.workers.asgi_guard import (
     GuardOptions,
     plain_head,
 )
-
-CORPUS = Path(__file__).resolve().parent.parent / "requests"
-INVALID = sorted((CORPUS / "invalid").glob("*.http"))
-VALID = sorted((CORPUS / "valid").glob("*.http"))
-# Vectors that stop mid-message: only the client's half-close shows it.
-INCOMPLETE = {
-    "head_incomplete",
-    "cl_body_incomplete",
-    "chunk_body_incomplete",
-    "chunk_no_last_chunk",
-}
-# Vectors whose head is valid and whose body framing is not.
-BODY_LEVEL = {p.stem for p in INVALID if p.stem.startswith("chunk_")} | {
-    "chunked_over_max_body",
-    "cl_body_incomplete",
-}
+from tests.helpers import BODY_LEVEL, INCOMPLETE, INVALID, VALID
 
 
 def options(limits: ParserLimits | None = None) -> GuardOptions:
