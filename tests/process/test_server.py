@@ -452,6 +452,18 @@ def test_usr1_reopens_log_files(serve, tmp_path: Path) -> None:
     access.rename(tmp_path / "access.log.1")  # what logrotate does
     server.signal(signal.SIGUSR1)
     wait_for(lambda: access.exists(), 5)
+    (worker,) = server.workers()
+
+    def worker_reopened() -> bool:
+        # The worker has the new file open (the old one now reads access.log.1).
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{worker}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{worker}/fd/{fd}") == str(access):
+                        return True
+        return False
+
+    wait_for(worker_reopened, 5)
     server.get("/second")
     wait_for(lambda: "/second" in access.read_text(), 5)
     assert "/second" not in (tmp_path / "access.log.1").read_text()
