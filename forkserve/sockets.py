@@ -81,6 +81,13 @@ def open_bind(bind: str, *, backlog: int, unix_mode: int = 0o660) -> BoundSocket
         except OSError as exc:
             sock.close()
             raise BindError(f"bind {bind}: cannot set mode: {exc.strerror}") from None
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Responses go out at once; accepted connections inherit it (Linux),
+        # so no worker sets it per connection.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
     sock.set_inheritable(False)
     path = addr.path if addr.kind == "unix" else None
     return BoundSocket(bind, sock, path, socket_inode(path))

@@ -32,6 +32,7 @@ from . import address as addr_mod
 from .address import describe_target
 from .events import EventEmitter
 from .ipc import (
+    NONBLOCKING,
     PARKED,
     REFUSED,
     SERIALIZATIONS,
@@ -39,6 +40,7 @@ from .ipc import (
     Channel,
     ChannelClosed,
     Kind,
+    Record,
     pack_taken,
     send_user,
     socket_from_fd,
@@ -97,6 +99,8 @@ class Child(EventEmitter):
         self._channel_closed = False
         self._writer_registered = False
         self._wake_event: asyncio.Event | None = None
+        # Parked connections waiting to go with the next acknowledgement.
+        self._parked: list[tuple[Record, _OwnedFd]] = []
         self.loop.add_reader(self.channel_fd, self.poll)
         self._send_internal({"act": "online"})
 
@@ -158,6 +162,7 @@ class Child(EventEmitter):
         """Block until the channel has data (then process it); False if closed."""
         if not self.connected:
             return False
+        self.flush_parked()
         if self.channel.write_pending:
             self.channel.flush(timeout)
         ready, _, _ = select.select([self.channel_fd], [], [], timeout)
@@ -193,20 +198,20 @@ class Child(EventEmitter):
     def _take_conn(self, payload: bytes, fds: tuple[int, ...]) -> None:
         """A round-robin connection handed over by the primary."""
         try:
-            key, token, accepted_at, data = unpack_handoff(payload)
+            handoff = unpack_handoff(payload)
         except ValueError:
-            key = ""
-        if len(fds) != 1 or not key:
+            handoff = None
+        if len(fds) != 1 or handoff is None or not handoff.key:
             for fd in fds:
                 os.close(fd)
             return
-        conn = socket_from_fd(fds[0])
-        listener = self._listeners.get(key)
+        conn = socket_from_fd(fds[0], handoff.family)
+        listener = self._listeners.get(handoff.key)
         if listener is None or listener.closed:
             conn.close()
-            self.ack(key, token, accepted=False)
+            self.ack(handoff.key, handoff.token, accepted=False)
             return
-        listener._deliver(conn, token, data, accepted_at or None)
+        listener._deliver(conn, handoff)
 
     def _act_disconnect(self, body: dict[str, Any], fds: tuple[int, ...]) -> None:
         self._disconnect(primary_initiated=True)
@@ -221,6 +226,9 @@ class Child(EventEmitter):
         if self._channel_closed:
             return
         self._channel_closed = True
+        parked, self._parked = self._parked, []
+        for _, copy in parked:
+            copy.close()
         for listener in list(self._listeners.values()):
             listener._channel_gone()
         try:
@@ -282,21 +290,41 @@ class Child(EventEmitter):
     def ack(self, key: str, token: int, accepted: bool) -> None:
         """Tell the primary a round-robin connection was taken (or refused)."""
         if self.connected:
-            self.channel.send(Kind.CONN, pack_taken([(key, token, TAKEN if accepted else REFUSED)]))
+            self._send_records([Record(key, token, TAKEN if accepted else REFUSED)])
 
-    def park(self, key: str, conn: socket.socket) -> bool:
+    def park(self, key: str, conn: socket.socket, peer: Any = None, defer: bool = False) -> bool:
         """Give an idle round-robin connection back to the primary.
 
         The primary watches it and hands it to the next free worker once the
         client sends again. The channel sends a copy of the descriptor: the
-        caller closes ``conn`` as usual, without shutting it down.
+        caller closes ``conn`` as usual, without shutting it down. ``peer``
+        (the client's address) travels with it. With ``defer`` the copy goes
+        with the next acknowledgement (or ``flush_parked()``), in one message.
         """
         if not self.connected:
             return False
+        flags = NONBLOCKING if conn.gettimeout() is not None else 0
         copy = _OwnedFd(os.dup(conn.fileno()))
-        return self.channel.send(
-            Kind.CONN, pack_taken([(key, 0, PARKED)]), (copy.fd,), close_after=(copy,)
-        )
+        self._parked.append((Record(key, 0, PARKED, flags, int(conn.family), peer), copy))
+        if not defer:
+            self.flush_parked()
+        return True
+
+    def flush_parked(self) -> None:
+        """Send the connections parked with ``defer`` now."""
+        if self._parked:
+            self._send_records([])
+
+    def _send_records(self, records: list[Record]) -> None:
+        parked, self._parked = self._parked, []
+        copies = tuple(copy for _, copy in parked)
+        if parked:
+            records = [record for record, _ in parked] + records
+        if not self.channel.send(
+            Kind.CONN, pack_taken(records), tuple(c.fd for c in copies), close_after=copies
+        ):
+            for copy in copies:
+                copy.close()
 
     def worker_send(
         self, worker: Worker, message: Any, handle: Any, callback: Any, keep_open: bool

@@ -42,13 +42,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 HEADER = struct.Struct("!IBB")
 MAX_FDS = 253  # SCM_MAX_FD on Linux
 MAX_PAYLOAD = 1 << 31
-READ_SIZE = 256 * 1024
+# Under the allocator's mmap threshold (128 KiB): a larger read buffer would
+# be mapped and unmapped on every read, and reads are mostly a few dozen bytes.
+READ_SIZE = 64 * 1024
 _FD_SIZE = array.array("i").itemsize
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
 
 
 class Kind(IntEnum):
@@ -105,60 +108,129 @@ def decode_body(kind: Kind, payload: bytes) -> Any:
 # -- the round-robin hand-off (Kind.CONN) -----------------------------------
 #
 # Primary -> worker, one connection (its descriptor rides with the frame):
-#     token u64 | accepted-at f64 (time.monotonic()) | key length u16 | key | data
+#     token u64 | accepted-at f64 (time.monotonic()) | flags u8 | family u8
+#     | key length u16 | peer length u16 | key | peer | data
 # where ``data`` is what the primary already read from the connection.
 # Worker -> primary, one or more records:
-#     token u64 | state u8 | key length u16 | key
+#     token u64 | state u8 | flags u8 | family u8 | key length u16
+#     | peer length u16 | key | peer
 # state: REFUSED or TAKEN (the connection ``token``), or PARKED: an idle
 # connection given back, its descriptor riding with the frame (one per
 # PARKED record, in order; ``token`` unused).
+#
+# ``family`` and ``peer`` (``encode_peer``) spare the receiver the system
+# calls that would find them out (``getsockname`` and ``getsockopt`` to wrap
+# the descriptor, ``getpeername``); family 0 and an empty peer mean unknown.
+# ``flags``: NONBLOCKING, the descriptor may be in non-blocking mode (a
+# worker set a timeout on it), so the receiver makes it blocking.
 REFUSED, TAKEN, PARKED = 0, 1, 2
+NONBLOCKING = 1
 
-_HANDOFF = struct.Struct("!QdH")
-_TAKEN = struct.Struct("!QBH")
-
-
-def pack_handoff(key: str, token: int, accepted_at: float, data: bytes = b"") -> bytes:
-    raw = key.encode()
-    return _HANDOFF.pack(token, accepted_at, len(raw)) + raw + data
+_HANDOFF = struct.Struct("!QdBBHH")
+_TAKEN = struct.Struct("!QBBBHH")
 
 
-def unpack_handoff(payload: bytes) -> tuple[str, int, float, bytes]:
-    """``(key, token, accepted_at, data)``; ValueError if malformed."""
+class Handoff(NamedTuple):
+    """One round-robin connection handed to a worker (without its descriptor)."""
+
+    key: str
+    token: int
+    accepted_at: float = 0.0  # time.monotonic() at accept (0: unknown)
+    data: bytes = b""  # bytes the primary already read from it
+    family: int = 0
+    peer: Any = None
+    flags: int = 0
+
+
+class Record(NamedTuple):
+    """What a worker did with a round-robin connection (``state``)."""
+
+    key: str
+    token: int
+    state: int
+    flags: int = 0
+    family: int = 0
+    peer: Any = None
+
+
+def encode_peer(addr: Any) -> bytes:
+    """A peer address as ``accept()`` returns it, as bytes (b"" if unknown)."""
+    if isinstance(addr, tuple):
+        return b"t" + "\n".join(map(str, addr)).encode()
+    if isinstance(addr, str):
+        return b"s" + addr.encode(errors="surrogateescape")
+    if isinstance(addr, bytes):
+        return b"b" + addr
+    return b""
+
+
+def decode_peer(raw: bytes) -> Any:
+    """The inverse of ``encode_peer``; None when unknown. ValueError if malformed."""
+    if not raw:
+        return None
+    tag, rest = raw[:1], raw[1:]
+    if tag == b"t":
+        host, *numbers = rest.decode().split("\n")
+        return (host, *map(int, numbers))
+    if tag == b"s":
+        return rest.decode(errors="surrogateescape")
+    if tag == b"b":
+        return bytes(rest)
+    raise ValueError("malformed peer address")
+
+
+def pack_handoff(item: Handoff) -> bytes:
+    raw = item.key.encode()
+    peer = encode_peer(item.peer)
+    head = _HANDOFF.pack(item.token, item.accepted_at, item.flags, item.family, len(raw), len(peer))
+    return b"".join((head, raw, peer, item.data))
+
+
+def unpack_handoff(payload: bytes) -> Handoff:
+    """The hand-off a frame carries; ValueError if malformed."""
     try:
-        token, accepted_at, size = _HANDOFF.unpack_from(payload)
-    except struct.error as exc:
+        token, accepted_at, flags, family, size, peer_size = _HANDOFF.unpack_from(payload)
+        start = _HANDOFF.size
+        end = start + size + peer_size
+        if len(payload) < end:
+            raise ValueError("truncated")
+        key = payload[start : start + size].decode()
+        peer = decode_peer(payload[start + size : end])
+    except (struct.error, ValueError) as exc:
         raise ValueError(f"malformed hand-off frame: {exc}") from None
-    start = _HANDOFF.size
-    if len(payload) < start + size:
-        raise ValueError("malformed hand-off frame: truncated key")
-    key = payload[start : start + size].decode()
-    return key, token, accepted_at, payload[start + size :]
+    return Handoff(key, token, accepted_at, payload[end:], family, peer, flags)
 
 
-def pack_taken(records: list[tuple[str, int, int]]) -> bytes:
+def pack_taken(records: list[Record]) -> bytes:
     out = bytearray()
-    for key, token, state in records:
-        raw = key.encode()
-        out += _TAKEN.pack(token, state, len(raw))
+    for record in records:
+        raw = record.key.encode()
+        peer = encode_peer(record.peer)
+        out += _TAKEN.pack(
+            record.token, record.state, record.flags, record.family, len(raw), len(peer)
+        )
         out += raw
+        out += peer
     return bytes(out)
 
 
-def unpack_taken(payload: bytes) -> list[tuple[str, int, int]]:
-    """``[(key, token, state), ...]``; ValueError if malformed."""
+def unpack_taken(payload: bytes) -> list[Record]:
+    """The records a frame carries; ValueError if malformed."""
     out = []
     pos = 0
-    while pos < len(payload):
-        try:
-            token, state, size = _TAKEN.unpack_from(payload, pos)
-        except struct.error as exc:
-            raise ValueError(f"malformed taken frame: {exc}") from None
-        pos += _TAKEN.size
-        if len(payload) < pos + size or state > PARKED:
-            raise ValueError("malformed taken frame")
-        out.append((payload[pos : pos + size].decode(), token, state))
-        pos += size
+    try:
+        while pos < len(payload):
+            token, state, flags, family, size, peer_size = _TAKEN.unpack_from(payload, pos)
+            pos += _TAKEN.size
+            end = pos + size + peer_size
+            if len(payload) < end or state > PARKED:
+                raise ValueError("bad record")
+            key = payload[pos : pos + size].decode()
+            peer = decode_peer(payload[pos + size : end])
+            out.append(Record(key, token, state, flags, family, peer))
+            pos = end
+    except (struct.error, ValueError) as exc:
+        raise ValueError(f"malformed taken frame: {exc}") from None
     return out
 
 
@@ -338,10 +410,9 @@ class Channel:
         """
         if self.eof or not self.connected:
             return []
-        anc_size = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
         for _ in range(64):
             try:
-                data, ancdata, _flags, _addr = self.sock.recvmsg(READ_SIZE, anc_size)
+                data, ancdata, _flags, _addr = self.sock.recvmsg(READ_SIZE, _ANC_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -424,6 +495,12 @@ def is_connection(handle: Any) -> bool:
         return False
 
 
-def socket_from_fd(fd: int) -> socket.socket:
-    """Wrap a received descriptor as a socket object (family and type detected)."""
+def socket_from_fd(fd: int, family: int = 0) -> socket.socket:
+    """Wrap a received descriptor as a socket object.
+
+    With ``family`` known (a stream socket of that family) no system call
+    is made; else the family, type and protocol are asked of the kernel.
+    """
+    if family:
+        return socket.socket(family, socket.SOCK_STREAM, 0, fd)
     return socket.socket(fileno=fd)

@@ -38,8 +38,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .ipc import NONBLOCKING
+
 if TYPE_CHECKING:
     from .child import Child
+    from .ipc import Handoff
 
 
 DEFAULT_BACKLOG = 511  # Node's default
@@ -100,7 +103,12 @@ class Listener:
         self.backlog: int | None = None
         self._blocking = True
         self._next_poll = 0.0
-        self._queue: deque[tuple[socket.socket, int]] = deque()
+        # Round robin: (conn, token, peer address, ipc flags) waiting to be taken.
+        self._queue: deque[tuple[socket.socket, int, Any, int]] = deque()
+        # Whether the eventfd is signalled (it is while the queue is not empty,
+        # except inside accept(), which takes what it receives at once).
+        self._signalled = False
+        self._accepting = False
         self._initial: dict[socket.socket, bytes] = {}
         # Weak: a connection whose server never asks must not be kept open here.
         self._accepted_at: weakref.WeakKeyDictionary[socket.socket, float] = (
@@ -169,8 +177,16 @@ class Listener:
                     pass
             self._next_poll = now + CHANNEL_POLL_INTERVAL
         while True:
+            if self._queue and not self.closed:
+                # Round robin: handed over already (the cluster channel is
+                # read again once the queue is empty).
+                return self._take()
             if child is not None:
-                child.poll()
+                self._accepting = True
+                try:
+                    child.poll()
+                finally:
+                    self._accepting = False
             if self.closed:
                 raise _closed_error()
             if self.mode != "rr":
@@ -203,7 +219,7 @@ class Listener:
         if self._sock is not None:
             self._sock.close()
         while self._queue:
-            conn, token = self._queue.popleft()
+            conn, token, _peer_addr, _flags = self._queue.popleft()
             self._initial.pop(conn, None)
             conn.close()
             if self._child is not None:
@@ -295,7 +311,7 @@ class Listener:
             self._child.poll()
         return len(self._queue)
 
-    def park(self, conn: socket.socket) -> bool:
+    def park(self, conn: socket.socket, addr: Any = None) -> bool:
         """Round robin: give an idle connection back to the primary.
 
         For a server that serves one connection at a time: instead of closing
@@ -304,44 +320,55 @@ class Listener:
         hands it to the next free worker once the client sends again. The
         caller still closes its ``conn`` (a plain close, no shutdown). False
         if the connection cannot be parked (not round robin, closed): close
-        it as usual.
+        it as usual. ``addr``, the client's address as ``accept()`` gave
+        it, travels with the connection.
+
+        While another connection waits here to be taken, the connection
+        goes back with that one's acknowledgement, in the same message.
         """
         if self.mode != "rr" or self.closed or self._child is None or self.key is None:
             return False
-        return self._child.park(self.key, conn)
+        return self._child.park(self.key, conn, addr, defer=bool(self._queue))
 
-    def _deliver(
-        self, conn: socket.socket, token: int, data: bytes = b"", accepted: float | None = None
-    ) -> None:
+    def _deliver(self, conn: socket.socket, handoff: Handoff) -> None:
         """A connection arrived from the primary for this listener."""
-        if data:
-            self._initial[conn] = data
-        if accepted:
-            self._accepted_at[conn] = accepted
+        if handoff.data:
+            self._initial[conn] = handoff.data
+        if handoff.accepted_at:
+            self._accepted_at[conn] = handoff.accepted_at
+        token = handoff.token
         if self._serve_cb is not None:
             self._child_ack(token)
-            self._start_conn(conn, _peer(conn))
+            self._start_conn(conn, _ready(conn, handoff.peer, handoff.flags))
             return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self._child_ack(token)
-                waiter.set_result((conn, _peer(conn)))
+                waiter.set_result((conn, _ready(conn, handoff.peer, handoff.flags)))
                 return
-        self._queue.append((conn, token))
-        if len(self._queue) == 1:
-            os.eventfd_write(self._eventfd, 1)
+        self._queue.append((conn, token, handoff.peer, handoff.flags))
+        if not self._accepting:
+            self._signal()
 
     def _take(self) -> tuple[socket.socket, Any]:
-        conn, token = self._queue.popleft()
-        if not self._queue:
+        conn, token, peer, flags = self._queue.popleft()
+        self._signal()
+        self._child_ack(token)
+        return conn, _ready(conn, peer, flags)
+
+    def _signal(self) -> None:
+        """Keep the eventfd readable exactly while connections wait in the queue."""
+        if self._queue:
+            if not self._signalled:
+                os.eventfd_write(self._eventfd, 1)
+                self._signalled = True
+        elif self._signalled:
             try:
                 os.eventfd_read(self._eventfd)
             except BlockingIOError:
                 pass
-        self._child_ack(token)
-        conn.setblocking(True)
-        return conn, _peer(conn)
+            self._signalled = False
 
     def _child_ack(self, token: int) -> None:
         if self._child is not None:
@@ -374,7 +401,12 @@ class Listener:
                 pass
 
 
-def _peer(conn: socket.socket) -> Any:
+def _ready(conn: socket.socket, peer: Any, flags: int) -> Any:
+    """Make a handed-over connection blocking if it may not be; its peer address."""
+    if flags & NONBLOCKING:
+        conn.setblocking(True)
+    if peer is not None:
+        return peer
     try:
         return conn.getpeername()
     except OSError:

@@ -38,6 +38,7 @@ from .ipc import (
     SERIALIZATIONS,
     TAKEN,
     Channel,
+    Handoff,
     Kind,
     pack_handoff,
     send_user,
@@ -331,18 +332,18 @@ class Primary(EventEmitter):
         except ValueError:
             records = []
         spare = list(fds)
-        for key, token, state in records:
-            rr = self._handles.get(key)
-            if state == PARKED:
+        for record in records:
+            rr = self._handles.get(record.key)
+            if record.state == PARKED:
                 if not spare:
                     break
-                conn = socket_from_fd(spare.pop(0))
+                conn = socket_from_fd(spare.pop(0), record.family)
                 if isinstance(rr, RoundRobinHandle):
-                    rr.park(conn)
+                    rr.park(conn, record.peer, record.flags)
                 else:
                     conn.close()
             elif isinstance(rr, RoundRobinHandle):
-                rr.ack(worker.id, token, state == TAKEN)
+                rr.ack(worker.id, record.token, record.state == TAKEN)
         for fd in spare:
             _close_quietly(fd)
 
@@ -403,22 +404,11 @@ class Primary(EventEmitter):
             )
         return SharedHandle(key, sock)
 
-    def _send_conn(
-        self,
-        worker_id: int,
-        key: str,
-        token: int,
-        conn: socket.socket,
-        data: bytes = b"",
-        accepted: float = 0.0,
-    ) -> bool:
-        worker = self.workers.get(worker_id)
+    def _send_conn(self, worker_id: int, conn: socket.socket, handoff: Handoff) -> bool:
         record = self._records.get(worker_id)
-        if worker is None or record is None or not record.channel.connected:
+        if record is None or not record.channel.connected:
             return False
-        # ``accepted``: time.monotonic(), the worker tells how long it waited;
-        # ``data``: bytes the primary already read from the connection.
-        return record.channel.send(Kind.CONN, pack_handoff(key, token, accepted, data), (conn,))
+        return record.channel.send(Kind.CONN, pack_handoff(handoff), (conn,))
 
     def _act_listening(self, worker: Worker, body: dict[str, Any]) -> None:
         info = {

@@ -57,6 +57,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from .ipc import Handoff
+
 C = TypeVar("C")
 
 ACCEPT_BATCH = 64
@@ -203,9 +205,8 @@ class RoundRobinQueue(Generic[C]):
         return out
 
 
-# (worker_id, key, token, conn, data already read from conn, monotonic time
-# it was accepted) -> sent?
-SendConn = Callable[[int, str, int, socket.socket, bytes, float], bool]
+# (worker_id, conn, what travels with it) -> sent?
+SendConn = Callable[[int, socket.socket, Handoff], bool]
 HeadComplete = Callable[[bytes], bool | None]
 OnOverflow = Callable[[socket.socket], None]
 OnExpired = Callable[[socket.socket, bytes], None]
@@ -215,6 +216,7 @@ READ_CHUNK = 16384
 # recv() flags as plain ints: or-ing the enum members costs on every call.
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 _READ_NOW = int(socket.MSG_DONTWAIT)
+_NO_INFO: tuple[bytes, float, Any, int] = (b"", 0.0, None, 0)
 
 
 @dataclass(slots=True)
@@ -225,6 +227,8 @@ class _Watch:
     buffer: bytearray = field(default_factory=bytearray)
     timer: asyncio.TimerHandle | None = None
     parked: bool = False  # given back idle by a worker
+    peer: Any = None  # the client's address, as accept() gave it
+    flags: int = 0  # ipc.NONBLOCKING: a worker may have left it non-blocking
 
 
 def _close(conn: socket.socket) -> None:
@@ -265,10 +269,11 @@ class RoundRobinHandle:
         self.on_expired = on_expired
         self.park_timeout = park_timeout
         self.watching: dict[socket.socket, _Watch] = {}
-        # Bytes already read from a queued or in-flight connection: they go with it.
-        self._data: dict[socket.socket, bytes] = {}
-        # When each connection held here was accepted (time.monotonic()).
-        self._accepted: dict[socket.socket, float] = {}
+        # What travels with each queued or in-flight connection: bytes already
+        # read from it, when it was accepted (time.monotonic()), the client's
+        # address, ipc flags.
+        self._info: dict[socket.socket, tuple[bytes, float, Any, int]] = {}
+        self._family = int(sock.family)
         self.wait = wait if wait is not None else WaitStats()
         self._reading = False
         self.closed = False
@@ -310,10 +315,9 @@ class RoundRobinHandle:
     def ack(self, worker_id: int, token: int, accepted: bool) -> None:
         conn, assignments = self.queue.ack(worker_id, token, accepted)
         if conn is not None and accepted:
-            self._data.pop(conn, None)
-            at = self._accepted.pop(conn, None)
-            if at is not None:
-                self.wait.observe(time.monotonic() - at)
+            info = self._info.pop(conn, None)
+            if info is not None:
+                self.wait.observe(time.monotonic() - info[1])
             conn.close()
         self._dispatch(assignments)
         self._update_reading()
@@ -325,7 +329,7 @@ class RoundRobinHandle:
             if self.queue.full and self.on_overflow is None:
                 break
             try:
-                conn, _addr = self.sock.accept()
+                conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -333,9 +337,9 @@ class RoundRobinHandle:
                 continue
             now = time.monotonic()
             if not self._watches:
-                self._admit(conn, b"", now)
+                self._admit(conn, (b"", now, addr, 0))
                 continue
-            self._take_in(conn, _Watch(accepted=now))
+            self._take_in(conn, _Watch(accepted=now, peer=addr))
         self._update_reading()
 
     def _take_in(self, conn: socket.socket, watch: _Watch) -> None:
@@ -349,17 +353,17 @@ class RoundRobinHandle:
         else:
             self._settle(conn, watch, verdict)
 
-    def _admit(self, conn: socket.socket, data: bytes, accepted: float) -> None:
-        """Queue a connection, or hand it to ``on_overflow`` when the queue is full."""
+    def _admit(self, conn: socket.socket, info: tuple[bytes, float, Any, int]) -> None:
+        """Queue a connection, or hand it to ``on_overflow`` when the queue is full.
+
+        ``info``: bytes already read, accept time, peer address, ipc flags."""
         if self.queue.full and self.on_overflow is not None:
             try:
                 self.on_overflow(conn)
             except Exception:
                 _close(conn)
             return
-        if data:
-            self._data[conn] = data
-        self._accepted[conn] = accepted
+        self._info[conn] = info
         self._dispatch(self.queue.push(conn))
 
     # -- watching (wait_for_data, head_complete) ------------------------------------
@@ -387,17 +391,19 @@ class RoundRobinHandle:
             pass
         return watch
 
-    def park(self, conn: socket.socket) -> None:
+    def park(self, conn: socket.socket, peer: Any = None, flags: int = 0) -> None:
         """A worker gave back an idle connection: watch it like a new one.
 
         Once the client sends again it joins the queue behind the
         connections already waiting; idle for ``park_timeout`` seconds (or
-        at a stop), it is closed.
+        at a stop), it is closed. ``peer`` and ``flags`` (as the worker
+        told them) travel on with it.
         """
         if self.closed or self.paused or self.park_timeout <= 0:
             _close(conn)
             return
-        self._take_in(conn, _Watch(accepted=time.monotonic(), parked=True))
+        watch = _Watch(accepted=time.monotonic(), parked=True, peer=peer, flags=flags)
+        self._take_in(conn, watch)
         self._update_reading()
 
     def _look(self, conn: socket.socket, watch: _Watch) -> bool | None:
@@ -425,7 +431,7 @@ class RoundRobinHandle:
 
     def _settle(self, conn: socket.socket, watch: _Watch, verdict: bool) -> None:
         if verdict:
-            self._admit(conn, bytes(watch.buffer), watch.accepted)
+            self._admit(conn, (bytes(watch.buffer), watch.accepted, watch.peer, watch.flags))
         else:
             _close(conn)
 
@@ -457,11 +463,13 @@ class RoundRobinHandle:
     # -- hand-off -------------------------------------------------------------------
 
     def _dispatch(self, assignments: list[Assignment[socket.socket]]) -> None:
+        key = self.key
+        family = self._family
         for item in assignments:
             conn = item.conn
-            data = self._data.get(conn, b"")
-            accepted = self._accepted.get(conn, 0.0)
-            if not self._send_conn(item.worker_id, self.key, item.token, conn, data, accepted):
+            data, accepted, peer, flags = self._info.get(conn, _NO_INFO)
+            handoff = Handoff(key, item.token, accepted, data, family, peer, flags)
+            if not self._send_conn(item.worker_id, conn, handoff):
                 # The channel is gone; the worker's removal hands the conn out again.
                 continue
 
@@ -486,8 +494,7 @@ class RoundRobinHandle:
             self._unwatch(conn)
         held.extend(self.queue.drain())
         for conn in held:
-            self._data.pop(conn, None)
-            self._accepted.pop(conn, None)
+            self._info.pop(conn, None)
             _close(conn)
         return len(held)
 
@@ -530,8 +537,7 @@ class RoundRobinHandle:
             _close(conn)
         for conn in self.queue.drain():
             conn.close()
-        self._data.clear()
-        self._accepted.clear()
+        self._info.clear()
         self.sock.close()
 
     def fds(self) -> list[int]:

@@ -194,8 +194,10 @@ class WorkerBase:
             return False
         for listener in self.listeners:
             sock = listener.raw_socket
-            if sock is None:  # round robin: connections come from the primary
-                return False
+            if sock is None:
+                # Round robin: the primary accepts on the arbiter's socket,
+                # which has TCP_NODELAY from the bind (sockets.open_bind).
+                continue
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 try:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

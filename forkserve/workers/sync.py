@@ -137,9 +137,9 @@ class SyncWorker(WorkerBase):
                     # this worker; else back to the primary, where it waits
                     # its turn behind those queued before it, and one eager
                     # client cannot keep the worker.
-                    if pipelined() and not listener.waiting():
+                    if not listener.waiting() and pipelined():
                         continue
-                    listener.park(conn)
+                    listener.park(conn, addr)
                     break
         except OSError as exc:
             LOG.debug("connection from %s ended: %s", addr, exc)

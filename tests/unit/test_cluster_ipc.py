@@ -115,24 +115,55 @@ def test_decoder_close_closes_stray_fds():
 
 
 def test_handoff_frame_round_trip():
-    payload = ipc.pack_handoff(
-        "tcp:127.0.0.1:8000", 2**40 + 7, 12345.678, b"GET / HTTP/1.1\r\n\xff"
-    )
-    assert ipc.unpack_handoff(payload) == (
+    item = ipc.Handoff(
         "tcp:127.0.0.1:8000",
         2**40 + 7,
         12345.678,
         b"GET / HTTP/1.1\r\n\xff",
+        int(socket.AF_INET),
+        ("127.0.0.1", 54321),
+        ipc.NONBLOCKING,
     )
-    assert ipc.unpack_handoff(ipc.pack_handoff("k", 1, 0.0)) == ("k", 1, 0.0, b"")
+    assert ipc.unpack_handoff(ipc.pack_handoff(item)) == item
+    bare = ipc.Handoff("k", 1)
+    assert ipc.unpack_handoff(ipc.pack_handoff(bare)) == bare
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        None,
+        ("127.0.0.1", 80),
+        ("::1", 443, 0, 0),
+        ("fe80::1%eth0", 8080, 5, 2),
+        "",
+        "/run/app.sock",
+        "/tmp/\udcff-odd",
+        b"\x00abstract",
+    ],
+)
+def test_peer_addresses_survive_the_frame(peer):
+    assert ipc.decode_peer(ipc.encode_peer(peer)) == peer
 
 
 def test_taken_frame_carries_several_records():
-    records = [("a", 1, ipc.TAKEN), ("tcp:[::1]:80", 2, ipc.REFUSED), ("b", 0, ipc.PARKED)]
+    records = [
+        ipc.Record("a", 1, ipc.TAKEN),
+        ipc.Record("tcp:[::1]:80", 2, ipc.REFUSED),
+        ipc.Record("b", 0, ipc.PARKED, ipc.NONBLOCKING, int(socket.AF_INET6), ("::1", 9, 0, 0)),
+    ]
     assert ipc.unpack_taken(ipc.pack_taken(records)) == records
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x00" * 17, ipc.pack_handoff("key", 1, 0.0)[:-1]])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x00" * 17,
+        ipc.pack_handoff(ipc.Handoff("key", 1, peer=("h", 1)))[:-1],
+        ipc.pack_handoff(ipc.Handoff("key", 1, peer=("h", 1))).replace(b"th", b"xh"),
+    ],
+)
 def test_malformed_handoff_is_a_value_error(payload):
     with pytest.raises(ValueError):
         ipc.unpack_handoff(payload)
@@ -140,14 +171,29 @@ def test_malformed_handoff_is_a_value_error(payload):
 
 def test_malformed_taken_is_a_value_error():
     with pytest.raises(ValueError):
-        ipc.unpack_taken(ipc.pack_taken([("key", 1, ipc.TAKEN)])[:-1])
+        ipc.unpack_taken(ipc.pack_taken([ipc.Record("key", 1, ipc.TAKEN)])[:-1])
     with pytest.raises(ValueError):
         ipc.unpack_taken(b"\x00\x01")
+    with pytest.raises(ValueError):
+        ipc.unpack_taken(ipc.pack_taken([ipc.Record("key", 1, 9)]))
+
+
+def test_a_known_family_wraps_a_descriptor_without_asking_the_kernel():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        wrapped = ipc.socket_from_fd(os.dup(a.fileno()), int(socket.AF_UNIX))
+        with wrapped:
+            assert wrapped.family == socket.AF_UNIX and wrapped.type == socket.SOCK_STREAM
+            wrapped.sendall(b"x")
+            assert b.recv(1) == b"x"
+    finally:
+        a.close()
+        b.close()
 
 
 def test_conn_frames_pass_bytes_through_the_decoder():
     decoder = FrameDecoder()
-    payload = ipc.pack_taken([("k", 9, ipc.TAKEN)])
+    payload = ipc.pack_taken([ipc.Record("k", 9, ipc.TAKEN)])
     decoder.feed(ipc.encode(Kind.CONN, payload))
     (got,) = decoder.frames()
     assert got.kind is Kind.CONN and got.body == payload

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
 import time
 from collections import Counter
@@ -10,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from forkserve.cluster.ipc import NONBLOCKING, Handoff
 from forkserve.cluster.round_robin import RoundRobinHandle, RoundRobinQueue, WaitStats
 
 
@@ -227,6 +230,8 @@ class FakeListening:
         self.waiting: list[socket.socket] = []
         self.closed = False
 
+    family = socket.AF_UNIX
+
     def setblocking(self, flag: bool) -> None:
         pass
 
@@ -251,6 +256,7 @@ class Rig:
         self.listening = FakeListening()
         self.sent: list[tuple[int, int, socket.socket, bytes]] = []
         self.accepted: list[float] = []
+        self.handoffs: list[Handoff] = []
         self.clients: list[socket.socket] = []
         self.handle = RoundRobinHandle(
             "k",
@@ -260,17 +266,11 @@ class Rig:
             **options,
         )
 
-    def send_conn(
-        self,
-        worker_id: int,
-        key: str,
-        token: int,
-        conn: socket.socket,
-        data: bytes,
-        accepted: float,
-    ) -> bool:
-        self.sent.append((worker_id, token, conn, data))
-        self.accepted.append(accepted)
+    def send_conn(self, worker_id: int, conn: socket.socket, handoff: Handoff) -> bool:
+        assert handoff.key == "k"
+        self.sent.append((worker_id, handoff.token, conn, handoff.data))
+        self.accepted.append(handoff.accepted_at)
+        self.handoffs.append(handoff)
         return True
 
     def connect(self) -> socket.socket:
@@ -310,6 +310,27 @@ def test_handle_without_options_hands_over_at_once(rig_factory: Any) -> None:
     rig.connect()
     assert [(w, d) for w, _, _, d in rig.sent] == [(1, b"")]
     assert rig.watched() == []
+
+
+def test_the_peer_address_and_family_travel_with_the_connection(rig_factory: Any) -> None:
+    rig = rig_factory()
+    rig.handle.add(1)
+    rig.connect()
+    (handoff,) = rig.handoffs
+    assert handoff.peer == ("127.0.0.1", 1)  # as accept() gave it
+    assert handoff.family == socket.AF_UNIX and handoff.flags == 0
+
+
+def test_a_parked_connection_goes_out_again_with_its_peer_and_flags(rig_factory: Any) -> None:
+    rig = rig_factory(park_timeout=5.0)
+    rig.handle.add(1)
+    client, server = socket.socketpair()
+    rig.clients.append(client)
+    client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    rig.handle.park(server, ("10.0.0.7", 4321), NONBLOCKING)
+    (handoff,) = rig.handoffs
+    assert rig.sent[0][2] is server
+    assert handoff.peer == ("10.0.0.7", 4321) and handoff.flags == NONBLOCKING
 
 
 def test_wait_for_data_holds_a_silent_connection_until_it_speaks(rig_factory: Any) -> None:
@@ -389,7 +410,7 @@ def test_head_complete_buffers_and_the_bytes_travel_with_the_connection(
     token = rig.sent[-1][1]
     rig.handle.ack(2, token, True)
     assert conn.fileno() == -1
-    assert rig.handle._data == {}
+    assert rig.handle._info == {}
 
 
 def test_head_complete_false_closes(rig_factory: Any) -> None:
@@ -551,7 +572,7 @@ def test_the_listener_gives_the_accept_time_once() -> None:
     listener = Listener("rr", {"address": "127.0.0.1", "port": 0})
     a, b = socket.socketpair()
     try:
-        listener._deliver(b, 1, b"", 123.5)
+        listener._deliver(b, Handoff("k", 1, 123.5))
         conn, _ = listener.accept()
         assert conn is b
         assert listener.take_accepted_at(conn) == 123.5
@@ -560,3 +581,79 @@ def test_the_listener_gives_the_accept_time_once() -> None:
         listener.close()
         a.close()
         b.close()
+
+
+def test_the_listener_hands_out_the_peer_it_was_told_and_a_blocking_socket() -> None:
+    import select
+
+    from forkserve.cluster.listener import Listener
+
+    listener = Listener("rr", {"address": "127.0.0.1", "port": 0})
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        listener.setblocking(False)
+        first, second = pairs[0][1], pairs[1][1]
+        second.setblocking(False)  # as a worker that set a timeout leaves it
+        listener._deliver(first, Handoff("k", 1, peer=("192.0.2.1", 5000)))
+        listener._deliver(second, Handoff("k", 2, flags=NONBLOCKING))
+        poller = select.epoll()
+        poller.register(listener.fileno(), select.EPOLLIN)
+        assert poller.poll(0)  # a connection waits: readable
+        assert listener.accept() == (first, ("192.0.2.1", 5000))
+        assert poller.poll(0)  # one more waits
+        conn, peer = listener.accept()
+        assert conn is second and conn.getblocking()
+        assert peer == second.getpeername()  # not told: asked of the kernel
+        assert poller.poll(0) == []  # nothing waits: not readable
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+        poller.close()
+    finally:
+        listener.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_a_deferred_park_rides_with_the_next_acknowledgement() -> None:
+    from forkserve.cluster import ipc
+    from forkserve.cluster.child import Child
+
+    primary_end, child_end = ipc.socketpair()
+    child = Child(1, child_end)
+    primary = ipc.Channel(primary_end)
+    client, conn = socket.socketpair()
+    try:
+        assert [f.body["act"] for f in primary.receive()] == ["online"]
+        conn.settimeout(5.0)  # as a worker waiting for a request leaves it
+        assert child.park("k", conn, ("192.0.2.9", 80), defer=True)
+        conn.close()  # the worker closes its socket as usual
+        assert primary.receive() == []  # held back for the acknowledgement
+        child.ack("k", 7, accepted=True)
+        (frame,) = primary.receive()
+        assert frame.kind is ipc.Kind.CONN and len(frame.fds) == 1
+        parked, taken = ipc.unpack_taken(frame.body)
+        assert (parked.state, parked.peer, parked.flags) == (
+            ipc.PARKED,
+            ("192.0.2.9", 80),
+            ipc.NONBLOCKING,
+        )
+        assert (taken.key, taken.token, taken.state) == ("k", 7, ipc.TAKEN)
+        with socket.socket(fileno=frame.fds[0]) as copy:  # the connection lives on
+            client.sendall(b"x")
+            assert copy.recv(1) == b"x"
+        # Without a later acknowledgement, waiting for the channel sends it.
+        other_client, other = socket.socketpair()
+        with other_client, other:
+            child.park("k", other, None, defer=True)
+            child.wait_readable(0)
+            (frame,) = primary.receive()
+            assert [r.state for r in ipc.unpack_taken(frame.body)] == [ipc.PARKED]
+            for fd in frame.fds:
+                os.close(fd)
+    finally:
+        client.close()
+        primary.close()
+        child.channel.close()
+        child.loop.close()
+        asyncio.set_event_loop(None)

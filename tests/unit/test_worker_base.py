@@ -14,6 +14,7 @@ import pytest
 
 from forkserve.config import load_config
 from forkserve.scoreboard import Scoreboard
+from forkserve.sockets import open_bind
 from forkserve.workers.base import WorkerBase
 
 
@@ -82,17 +83,23 @@ def test_nodelay_is_set_once_on_the_listening_socket(
         assert worker.prepare_connection(conn) is conn
 
 
-def test_nodelay_per_connection_without_a_listening_socket(
-    make_worker: Any, tcp_listener: socket.socket
+@pytest.mark.skipif(sys.platform != "linux", reason="accepted sockets inherit it on Linux")
+def test_round_robin_connections_inherit_nodelay_from_the_arbiters_bind(
+    make_worker: Any,
 ) -> None:
-    # Round robin: connections come from the primary's socket, not ours.
-    worker = make_worker([FakeListener(None)])
-    client, conn = accepted(tcp_listener)
-    with client, conn:
-        worker.prepare_connection(conn)
-        assert nodelay(conn) != 0
-        assert nodelay(tcp_listener) == 0
-        assert worker._nodelay_inherited is False
+    # Round robin: the primary accepts on the socket the arbiter bound, which
+    # has TCP_NODELAY from the bind; the worker sets nothing per connection.
+    bound = open_bind("127.0.0.1:0", backlog=8)
+    try:
+        assert nodelay(bound.sock) != 0
+        worker = make_worker([FakeListener(None)])
+        client, conn = accepted(bound.sock)
+        with client, conn:
+            assert nodelay(conn) != 0
+            assert worker.prepare_connection(conn) is conn
+            assert worker._nodelay_inherited is True
+    finally:
+        bound.close()
 
 
 def test_http_options(make_worker: Any) -> None:
