@@ -67,8 +67,7 @@ _KINDS = tuple(Kind)
 SERIALIZATIONS = {"json": Kind.JSON, "advanced": Kind.PICKLE}
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """A decoded message: its kind, the object, and the descriptors it carried."""
 
     kind: Kind

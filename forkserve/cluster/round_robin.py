@@ -55,7 +55,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from .ipc import Handoff
 
@@ -101,8 +101,7 @@ class _Slot(Generic[C]):
     in_flight: dict[int, C] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Assignment(Generic[C]):
+class Assignment(NamedTuple, Generic[C]):
     worker_id: int
     token: int
     conn: C
