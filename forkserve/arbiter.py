@@ -51,7 +51,6 @@ from forkserve.process import (
     write_pidfile,
     zombie_children,
 )
-from forkserve.reconfigure import fixed_settings, reconfigure
 from forkserve.restart import Action, ExitFacts, decide
 from forkserve.scoreboard import SLOT_ENV
 from forkserve.sockets import BoundSocket, describe
@@ -669,6 +668,8 @@ class Arbiter:
                 exc_info=LOG.isEnabledFor(logging.DEBUG),
             )
             return False
+        from forkserve.reconfigure import fixed_settings, reconfigure  # on SIGHUP only
+
         fixed = fixed_settings(
             running,
             round_robin=self.primary.scheduling_policy == cluster.SCHED_RR,

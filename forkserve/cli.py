@@ -9,18 +9,22 @@ import errors); tracebacks are shown only with ``--log-level debug``.
 
 It must not import ``forkserve.workers``, ``forkserve.cluster`` or
 ``forkserve.http``; the arbiter is imported only when the server starts.
+
+click is imported only when it has something to do: ``--help``, a command line
+with a mistake in it, ``ctl``, or an action (``--version``, ``--print-config``,
+``--check-config``). A plain command line that starts a server (APP and known
+options with their values) is read straight from the settings table: the
+primary forks its workers with everything it has imported, so leaving click
+out saves its import time at every start and its memory in every worker.
+``command`` and ``ctl_command`` are built on first use.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import traceback
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
-
-import click
-from click.core import ParameterSource
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from forkserve import __version__
 from forkserve.apploader import detect_interface, find_app, load_app, pick_worker_class
@@ -38,9 +42,14 @@ from forkserve.config import (
 )
 from forkserve.errors import ForkserveError
 
+if TYPE_CHECKING:
+    import click
+
 
 def _option(setting: Setting) -> click.Option:
     """One click option from one setting; click only collects strings, config.py converts."""
+    import click
+
     help_text = setting.help
     if not setting.is_flag:
         help_text += f"  [default: {_show_default(setting)}]"
@@ -77,30 +86,32 @@ def _show_default(setting: Setting) -> str:
     return format_value(default)
 
 
-class _Command(click.Command):
-    """A command whose --help groups the options by setting section."""
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        params = {param.name: param for param in self.get_params(ctx)}
-        for section in SECTIONS:
-            names = [s.name for s in SETTINGS if s.section == section]
-            found = [params.get(name) for name in names]
-            if section == "meta":
-                found.append(self.get_help_option(ctx))
-            rows = []
-            for param in found:
-                record = param.get_help_record(ctx) if param is not None else None
-                if record is not None:
-                    rows.append(record)
-            if rows:
-                with formatter.section(f"{SECTION_TITLES.get(section, section)} options"):
-                    formatter.write_dl(rows)
+def _format_options(
+    command: click.Command, ctx: click.Context, formatter: click.HelpFormatter
+) -> None:
+    """--help with the options grouped by setting section."""
+    params = {param.name: param for param in command.get_params(ctx)}
+    for section in SECTIONS:
+        names = [s.name for s in SETTINGS if s.section == section]
+        found = [params.get(name) for name in names]
+        if section == "meta":
+            found.append(command.get_help_option(ctx))
+        rows = []
+        for param in found:
+            record = param.get_help_record(ctx) if param is not None else None
+            if record is not None:
+                rows.append(record)
+        if rows:
+            with formatter.section(f"{SECTION_TITLES.get(section, section)} options"):
+                formatter.write_dl(rows)
 
 
 def _fail(error: ForkserveError, debug: bool) -> NoReturn:
     if debug:
+        import traceback
+
         traceback.print_exception(error)
-    click.echo(f"forkserve: error: {error}", err=True)
+    print(f"forkserve: error: {error}", file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
 
 
@@ -119,15 +130,23 @@ def _check(config: Config, app_spec: str) -> str:
     )
 
 
-def _serve(app: str | None, values: Mapping[str, Any]) -> None:
+def _given(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of the current click invocation that were on the command line."""
+    import click
+    from click.core import ParameterSource
+
     ctx = click.get_current_context()
-    given = {
+    return {
         name: value
         for name, value in values.items()
         if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
     }
+
+
+def _serve(app: str | None, given: Mapping[str, Any]) -> None:
+    """Run the command with the options ``given`` on the command line, by setting name."""
     if given.get("version"):
-        click.echo(f"forkserve {__version__}")
+        print(f"forkserve {__version__}")
         return
     level = given.get("loglevel") or os.environ.get("FORKSERVE_LOGLEVEL", "")
     debug = str(level).lower() == "debug"
@@ -145,16 +164,18 @@ def _serve(app: str | None, values: Mapping[str, Any]) -> None:
         _fail(error, debug)
         return
     if config.version:
-        click.echo(f"forkserve {__version__}")
+        print(f"forkserve {__version__}")
         return
     if config.print_config:
         config.print_table()
         return
     if not app:
-        raise click.UsageError("Missing argument 'APP'.", ctx)
+        import click  # only through click: a plain command line always names APP
+
+        raise click.UsageError("Missing argument 'APP'.", click.get_current_context())
     try:
         if config.check_config:
-            click.echo(_check(config, app))
+            print(_check(config, app))
             return
         # Fail fast on a wrong APP; the app itself is imported by the workers
         # (or by the template process they fork from, with --preload).
@@ -169,12 +190,18 @@ def _serve(app: str | None, values: Mapping[str, Any]) -> None:
 
 
 def _build() -> click.Command:
+    import click
+
+    class _Command(click.Command):
+        def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+            _format_options(self, ctx, formatter)
+
     params: list[click.Parameter] = [click.Argument(["app"], required=False, metavar="APP")]
     params += [_option(setting) for setting in SETTINGS if setting.flags]
     return _Command(
         "forkserve",
         params=params,
-        callback=lambda app, **values: _serve(app, values),
+        callback=lambda app, **values: _serve(app, _given(values)),
         help=(
             "Serve APP, a WSGI or ASGI application named as module:attr "
             "(also module, module:attr.sub, or module:factory(...)), with pre-forked "
@@ -189,9 +216,6 @@ def _build() -> click.Command:
     )
 
 
-command = _build()
-
-
 def _ctl(
     socket_path: str | None,
     pidfile: str | None,
@@ -199,6 +223,8 @@ def _ctl(
     name: str,
     args: tuple[str, ...],
 ) -> None:
+    import click
+
     from forkserve import ctl
 
     if socket_path and pidfile:
@@ -212,38 +238,107 @@ def _ctl(
     sys.exit(code)
 
 
-ctl_command = click.Command(
-    "ctl",
-    params=[
-        click.Option(
-            ["--socket", "socket_path"],
-            metavar="PATH",
-            help="The server's control socket (--control-socket).",
+def _build_ctl() -> click.Command:
+    import click
+
+    return click.Command(
+        "ctl",
+        params=[
+            click.Option(
+                ["--socket", "socket_path"],
+                metavar="PATH",
+                help="The server's control socket (--control-socket).",
+            ),
+            click.Option(
+                ["--pid", "pidfile"],
+                metavar="PIDFILE",
+                help="The server's --pid file: its control socket is beside it.",
+            ),
+            click.Option(["--json", "as_json"], is_flag=True, help="Print the raw JSON answer."),
+            click.Argument(["name"], metavar="COMMAND"),
+            click.Argument(["args"], nargs=-1, metavar="[ARGS]..."),
+        ],
+        callback=_ctl,
+        help=(
+            "Ask a running forkserve through its control socket. Without --socket or --pid, "
+            "the only server with a socket in the runtime directory "
+            "($XDG_RUNTIME_DIR/forkserve, /run/forkserve or /tmp/forkserve-UID).\n\n"
+            "\b\nCommands:\n"
+            "  status       workers, their state, requests in flight, memory\n"
+            "  stats        request counts by method and status, latency, restarts\n"
+            "  scale N      run N workers (N >= 1)\n"
+            "  reload       replace every worker (as SIGHUP)\n"
+            "  stop         graceful stop (as SIGTERM)\n"
+            "  dump-stacks  every worker's Python stack (also logged)"
         ),
-        click.Option(
-            ["--pid", "pidfile"],
-            metavar="PIDFILE",
-            help="The server's --pid file: its control socket is beside it.",
-        ),
-        click.Option(["--json", "as_json"], is_flag=True, help="Print the raw JSON answer."),
-        click.Argument(["name"], metavar="COMMAND"),
-        click.Argument(["args"], nargs=-1, metavar="[ARGS]..."),
-    ],
-    callback=_ctl,
-    help=(
-        "Ask a running forkserve through its control socket. Without --socket or --pid, "
-        "the only server with a socket in the runtime directory "
-        "($XDG_RUNTIME_DIR/forkserve, /run/forkserve or /tmp/forkserve-UID).\n\n"
-        "\b\nCommands:\n"
-        "  status       workers, their state, requests in flight, memory\n"
-        "  stats        request counts by method and status, latency, restarts\n"
-        "  scale N      run N workers (N >= 1)\n"
-        "  reload       replace every worker (as SIGHUP)\n"
-        "  stop         graceful stop (as SIGTERM)\n"
-        "  dump-stacks  every worker's Python stack (also logged)"
-    ),
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-)
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    )
+
+
+_BUILDERS = {"command": _build, "ctl_command": _build_ctl}
+_BUILT: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``command`` and ``ctl_command`` (click commands), built on first use."""
+    if name not in _BUILDERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _BUILT:
+        _BUILT[name] = _BUILDERS[name]()
+    return _BUILT[name]
+
+
+def _plain_command_line(args: Sequence[str]) -> tuple[str, dict[str, Any]] | None:
+    """APP and the options given, by setting name, if ``args`` just start a server.
+
+    That is: APP once, and only known options, each with a value that does not
+    look like an option and, for a choice, is one of them; no action
+    (``--version``, ``--print-config``, ``--check-config``). The values are
+    what click would pass on (flags ``True``, repeatable options a tuple).
+    Anything else is None: click reads it and owns the messages.
+    """
+    by_flag = {flag: s for s in SETTINGS for flag in s.flags}
+    app: str | None = None
+    given: dict[str, Any] = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if not arg.startswith("-") or arg == "-":
+            if app is not None:
+                return None
+            app = arg
+            continue
+        if arg.startswith("--"):
+            flag, equals, value = arg.partition("=")
+            inline = bool(equals)
+        else:  # -w4 is -w 4, as in click
+            flag, value = arg[:2], arg[2:]
+            inline = bool(value)
+        setting = by_flag.get(flag)
+        if setting is None or setting.name in ACTIONS:
+            return None
+        if setting.is_flag:
+            if inline:
+                return None
+            given[setting.name] = True
+            continue
+        if not inline:
+            if index == len(args) or (args[index].startswith("-") and args[index] != "-"):
+                return None
+            value = args[index]
+            index += 1
+        if setting.choices is not None:
+            # As click's case-insensitive Choice: the value as the table spells it.
+            spelled = [choice for choice in setting.choices if choice.lower() == value.lower()]
+            if not spelled:
+                return None
+            value = spelled[0]
+        if setting.multiple:
+            given[setting.name] = (*given.get(setting.name, ()), value)
+        else:
+            given[setting.name] = value
+    return (app, given) if app else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -254,9 +349,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["ctl"]:
-        ctl_command.main(args=args[1:], prog_name="forkserve ctl")
+        _build_ctl().main(args=args[1:], prog_name="forkserve ctl")
         return
-    command.main(args=args, prog_name="forkserve")
+    plain = _plain_command_line(args)
+    if plain is None:
+        _build().main(args=args, prog_name="forkserve")
+        return
+    try:
+        _serve(*plain)
+    except KeyboardInterrupt:  # as click does, before the arbiter handles SIGINT itself
+        print("\nAborted!", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,8 @@ forkserve.
 
 from __future__ import annotations
 
-import grp
-import inspect
 import ipaddress
 import math
-import pwd
-import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -222,6 +218,8 @@ def env_list(value: Any) -> tuple[str, ...]:
     """``KEY=VALUE`` pairs; a string is split like a shell command line."""
     expected = "expected KEY=VALUE"
     if isinstance(value, str):
+        import shlex  # only for --env as one string: not in the primary, so not in every worker
+
         try:
             items = shlex.split(value)
         except ValueError:
@@ -256,11 +254,15 @@ def trusted_ips(value: Any) -> tuple[str, ...]:
 
 def user_id(value: Any) -> int | None:
     """A user name or numeric uid; the name is resolved now."""
+    import pwd  # only with --user
+
     return _account_id(value, pwd.getpwnam, "expected a user name or uid")
 
 
 def group_id(value: Any) -> int | None:
     """A group name or numeric gid; the name is resolved now."""
+    import grp  # only with --group
+
     return _account_id(value, grp.getgrnam, "expected a group name or gid")
 
 
@@ -298,6 +300,8 @@ def arity(*params: str) -> Callable[[Any], None]:
     def validate(value: Any) -> None:
         if value is None:
             return
+        import inspect  # only for a hook from a config file
+
         try:
             inspect.signature(value).bind(*params)
         except TypeError:

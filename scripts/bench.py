@@ -11,7 +11,11 @@ Three modes, all on 127.0.0.1 only:
 * ``--memory``: RSS, PSS and USS per worker, with and without ``--preload``,
   before and after a full garbage collection in every worker.
 
-Peers run from their own virtualenv in ``.bench/venv`` (created on first run).
+Peers run from their own virtualenv in ``.bench/venv`` (created on first run),
+where forkserve is installed editable from the checkout. ``--startup`` and
+``--memory`` also run from ``.bench/venv-wheel``, where forkserve is installed
+as a user gets it (``--install``): an editable install adds an import finder to
+every interpreter started from its venv.
 See docs/benchmarks.md for what every number means.
 """
 
@@ -45,6 +49,12 @@ REPO = Path(__file__).resolve().parent.parent
 APPS_DIR = REPO / "scripts" / "bench_apps"
 BENCH_DIR = REPO / ".bench"
 VENV = BENCH_DIR / "venv"
+# The startup and memory modes also run from a venv where forkserve is installed
+# as a user gets it (a wheel, not editable): an editable install adds an import
+# finder to every interpreter of its venv, peers included.
+WHEEL_VENV = BENCH_DIR / "venv-wheel"
+WHEEL_SRC = BENCH_DIR / "wheel-src"  # a copy of the checkout to build from, so no build/ in it
+INSTALLS = ("wheel", "editable")
 LOG_DIR = BENCH_DIR / "logs"
 GEN_APPS_DIR = BENCH_DIR / "apps"  # apps this script writes (the memory mode's)
 HOST = "127.0.0.1"
@@ -139,10 +149,12 @@ def app_target(spec: ServerSpec, app: str) -> str:
     return f"hello_{spec.interface}:app"
 
 
-def server_command(spec: ServerSpec, app: str, port: int, workers: int, preload: bool) -> list[str]:
+def server_command(
+    spec: ServerSpec, app: str, port: int, workers: int, preload: bool, venv: Path = VENV
+) -> list[str]:
     """The argv that starts ``spec`` serving ``app`` on 127.0.0.1:port."""
     target = app_target(spec, app)
-    vbin = VENV / "bin"
+    vbin = venv / "bin"
     bind = f"{HOST}:{port}"
     if spec.family == "forkserve":
         klass, sched = spec.option.split(":")
@@ -248,6 +260,50 @@ def ensure_venv(reinstall_forkserve: bool) -> None:
     )
     if res.returncode != 0:
         log("peers venv: WARNING: installing forkserve failed; its rows will fail to start")
+        log(res.stderr[-2000:])
+
+
+def ensure_wheel_venv() -> None:
+    """``.bench/venv-wheel``: gunicorn, and forkserve installed from the checkout as a wheel.
+
+    forkserve is installed again on every run (``--no-deps --force-reinstall``)
+    so that it is the checkout's code; pip byte-compiles it as for any user.
+    """
+    py = WHEEL_VENV / "bin" / "python"
+    if not py.exists():
+        log(f"wheel venv: creating {WHEEL_VENV}")
+        BENCH_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(WHEEL_VENV)], check=True, timeout=300)
+    shutil.rmtree(WHEEL_SRC, ignore_errors=True)
+    WHEEL_SRC.mkdir(parents=True)
+    shutil.copytree(
+        REPO / "forkserve", WHEEL_SRC / "forkserve", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, WHEEL_SRC / name)
+    ready = subprocess.run(
+        [str(py), "-c", "import gunicorn, setproctitle, httptools"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if ready.returncode != 0:
+        log("wheel venv: installing gunicorn and forkserve's dependencies")
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "gunicorn", str(WHEEL_SRC)],
+            check=True,
+            timeout=900,
+        )
+    log(f"wheel venv: installing forkserve from a copy of {REPO / 'forkserve'}")
+    res = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(WHEEL_SRC)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if res.returncode != 0:
+        log("wheel venv: WARNING: installing forkserve failed; its rows will fail to start")
         log(res.stderr[-2000:])
 
 
@@ -633,9 +689,10 @@ def running_server(
     preload: bool = False,
     ready_path: str = "/",
     env: dict[str, str] | None = None,
+    venv: Path = VENV,
 ) -> Iterator[Server]:
     port = free_port()
-    argv = server_command(spec, app, port, workers, preload)
+    argv = server_command(spec, app, port, workers, preload, venv)
     server = Server(spec, argv, port, tag, env)
     try:
         try:
@@ -1145,24 +1202,45 @@ class Variant:
 
     spec: ServerSpec
     preload: bool
+    install: str = "editable"  # which venv: "editable" (.bench/venv) or "wheel"
 
     @property
     def label(self) -> str:
-        return self.spec.name + (" --preload" if self.preload else "")
+        return self.spec.name + (" --preload" if self.preload else "") + f" [{self.install}]"
 
     @property
     def tag(self) -> str:
-        return "preload" if self.preload else "plain"
+        return ("preload" if self.preload else "plain") + f"-{self.install}"
+
+    @property
+    def venv(self) -> Path:
+        return WHEEL_VENV if self.install == "wheel" else VENV
 
 
-def variants(names: list[str]) -> list[Variant]:
-    return [Variant(SERVERS[name], preload) for name in names for preload in (False, True)]
+def variants(names: list[str], installs: Sequence[str] = ("editable",)) -> list[Variant]:
+    return [
+        Variant(SERVERS[name], preload, install)
+        for install in installs
+        for name in names
+        for preload in (False, True)
+    ]
 
 
-def time_to_first_200(v: Variant, args: argparse.Namespace, i: int) -> float:
-    """Seconds from just before the spawn to the first 200 of ``GET /pid``."""
+def on_cpu_s(pid: int) -> float | None:
+    """Seconds ``pid`` has run on a CPU (``/proc/<pid>/schedstat``, ns resolution)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def time_to_first_200(v: Variant, args: argparse.Namespace, i: int) -> tuple[float, float | None]:
+    """Seconds from just before the spawn to the first 200 of ``GET /pid``, and the
+    primary's CPU time by then: the start's own cost, much less sensitive than the
+    wall time to what else the machine runs."""
     port = free_port()
-    argv = server_command(v.spec, "cpu", port, args.workers, v.preload)
+    argv = server_command(v.spec, "cpu", port, args.workers, v.preload, v.venv)
     server = Server(v.spec, argv, port, f"startup-{v.tag}-{i}")
     try:
         t0 = time.monotonic()
@@ -1171,7 +1249,7 @@ def time_to_first_200(v: Variant, args: argparse.Namespace, i: int) -> float:
         except OSError as exc:
             raise ServerFailed(f"cannot exec: {exc}")
         server.wait_ready(args.ready_timeout, "/pid", interval=0.005)
-        return time.monotonic() - t0
+        return time.monotonic() - t0, on_cpu_s(server.pid)
     finally:
         server.stop()
 
@@ -1208,6 +1286,7 @@ def measure_respawn(v: Variant, args: argparse.Namespace, i: int) -> dict[str, f
         args.ready_timeout,
         preload=v.preload,
         ready_path="/pid",
+        venv=v.venv,
     ) as srv:
         kids = serving_workers(srv, v, args.workers)
         time.sleep(0.3)  # every worker booted, not just the one that answered
@@ -1240,12 +1319,14 @@ def measure_respawn(v: Variant, args: argparse.Namespace, i: int) -> dict[str, f
 
 def run_startup(args: argparse.Namespace, report: dict[str, Any]) -> None:
     """Cold starts, then lone-crash respawns; variants interleaved within each repetition."""
-    vs = variants(args.startup_servers)
+    vs = variants(args.startup_servers, args.installs)
     entries: dict[str, dict[str, Any]] = {
         v.label: {
             "server": v.spec.name,
             "preload": v.preload,
+            "install": v.install,
             "first_200_s": [],
+            "primary_cpu_s": [],
             "respawns": [],
             "ok": True,
         }
@@ -1253,22 +1334,26 @@ def run_startup(args: argparse.Namespace, report: dict[str, Any]) -> None:
     }
     rng = random.Random(args.seed)
 
-    def attempt(v: Variant, what: str, run: Callable[[], Any], into: str) -> None:
+    def attempt(v: Variant, what: str, run: Callable[[], Any]) -> Any:
         entry = entries[v.label]
         if not entry["ok"]:
-            return
+            return None
         try:
-            entry[into].append(run())
+            return run()
         except ServerFailed as exc:
             entry |= {"ok": False, "error": f"{what}: {exc}"}
             log(f"  startup {v.label:32} {what}: {str(exc)[:90]}")
+            return None
 
     try:
         for i in range(args.startup_runs):
             order = list(vs)
             rng.shuffle(order)
             for v in order:
-                attempt(v, "start", functools.partial(time_to_first_200, v, args, i), "first_200_s")
+                started = attempt(v, "start", functools.partial(time_to_first_200, v, args, i))
+                if started is not None:
+                    entries[v.label]["first_200_s"].append(started[0])
+                    entries[v.label]["primary_cpu_s"].append(started[1])
         for v in vs:
             log(
                 f"  startup {v.label:32} first 200 median "
@@ -1278,7 +1363,9 @@ def run_startup(args: argparse.Namespace, report: dict[str, Any]) -> None:
             order = list(vs)
             rng.shuffle(order)
             for v in order:
-                attempt(v, "respawn", functools.partial(measure_respawn, v, args, i), "respawns")
+                respawn = attempt(v, "respawn", functools.partial(measure_respawn, v, args, i))
+                if respawn is not None:
+                    entries[v.label]["respawns"].append(respawn)
         for v in vs:
             rs = entries[v.label]["respawns"]
             log(
@@ -1296,26 +1383,28 @@ def startup_table(results: list[dict[str, Any]], args: argparse.Namespace) -> st
         f"Startup ({args.workers} workers; {args.startup_runs} starts and {args.respawns} "
         "worker kills per line, each kill on a fresh server; medians, ms)",
         "",
-        "| server | preload | start -> first 200 | min..max | kill -> new pid "
+        "| server | install | preload | start -> first 200 | min..max "
+        "| primary CPU by the first 200 | kill -> new pid "
         "| kill -> new pid and a 200 | kill -> 200 from the new worker |",
-        "|---|---|--:|--:|--:|--:|--:|",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for e in results:
         t = e.get("first_200_s") or []
-        head = f"| {e['server']} | {'yes' if e['preload'] else 'no'} "
+        head = f"| {e['server']} | {e['install']} | {'yes' if e['preload'] else 'no'} "
         if not t:
-            lines.append(head + "| failed to start | | | | |")
+            lines.append(head + "| failed to start | | | | | |")
             continue
         rs = e.get("respawns") or []
         lines.append(
             head + f"| {fmt(ms(med(t)))} "
             f"| {fmt(ms(min(t)))}..{fmt(ms(max(t)))} "
+            f"| {fmt(ms(med(e.get('primary_cpu_s') or [])))} "
             f"| {fmt(ms(med([r['new_pid_s'] for r in rs])))} "
             f"| {fmt(ms(med([r['serving_s'] for r in rs])))} "
             f"| {fmt(ms(med([r['new_worker_served_s'] for r in rs])))} |"
         )
     notes = [
-        f"- {e['server']}{' --preload' if e['preload'] else ''}: {e['error']}"
+        f"- {e['server']}{' --preload' if e['preload'] else ''} [{e['install']}]: {e['error']}"
         for e in results
         if not e["ok"]
     ]
@@ -1388,7 +1477,14 @@ def memory_run(v: Variant, ballast_mib: float, args: argparse.Namespace) -> dict
     env = {"BENCH_BALLAST_MIB": str(ballast_mib)}
     tag = f"memory-{v.tag}-{ballast_mib:g}"
     with running_server(
-        v.spec, "memory", args.workers, tag, args.ready_timeout, preload=v.preload, env=env
+        v.spec,
+        "memory",
+        args.workers,
+        tag,
+        args.ready_timeout,
+        preload=v.preload,
+        env=env,
+        venv=v.venv,
     ) as srv:
         kids = serving_workers(srv, v, args.workers)
         counts, failed, _ = balance_client(
@@ -1411,7 +1507,7 @@ def memory_run(v: Variant, ballast_mib: float, args: argparse.Namespace) -> dict
 
 def run_memory(args: argparse.Namespace, report: dict[str, Any]) -> None:
     write_memory_app()
-    vs = variants(args.memory_servers)
+    vs = variants(args.memory_servers, args.installs)
     cases = [(v, b) for v in vs for b in sorted({0.0, args.ballast_mib})]
     rows: list[dict[str, Any]] = []
     rng = random.Random(args.seed)
@@ -1425,6 +1521,7 @@ def run_memory(args: argparse.Namespace, report: dict[str, Any]) -> None:
                     "round": rnd,
                     "server": v.spec.name,
                     "preload": v.preload,
+                    "install": v.install,
                     "ballast_mib": ballast,
                 }
                 try:
@@ -1457,6 +1554,7 @@ def memory_summary(
             for r in rows
             if r["server"] == v.spec.name
             and r["preload"] == v.preload
+            and r["install"] == v.install
             and r["ballast_mib"] == ballast
         ]
         good = [r for r in mine if r["ok"]]
@@ -1465,6 +1563,7 @@ def memory_summary(
             {
                 "server": v.spec.name,
                 "preload": v.preload,
+                "install": v.install,
                 "ballast_mib": ballast,
                 "rounds_ok": len(good),
                 "rounds": len(mine),
@@ -1487,12 +1586,15 @@ def memory_table(summary: list[dict[str, Any]], args: argparse.Namespace) -> str
         f"workers, MiB; after {args.memory_requests} requests; ballast: MiB of long-lived "
         "objects the app creates at import)",
         "",
-        "| server | preload | ballast | RSS/worker | PSS/worker | USS/worker "
+        "| server | install | preload | ballast | RSS/worker | PSS/worker | USS/worker "
         "| USS/worker after gc.collect() | primary RSS | PSS total | frozen objects |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for s in summary:
-        head = f"| {s['server']} | {'yes' if s['preload'] else 'no'} | {s['ballast_mib']:g} "
+        head = (
+            f"| {s['server']} | {s['install']} | {'yes' if s['preload'] else 'no'} "
+            f"| {s['ballast_mib']:g} "
+        )
         if not s["rounds_ok"]:
             lines.append(head + "| failed | | | | | | |")
             continue
@@ -1502,11 +1604,11 @@ def memory_table(summary: list[dict[str, Any]], args: argparse.Namespace) -> str
             f"| {fmt(s['leader_rss_mib'])} | {fmt(s['pss_total_mib'])} "
             f"| {fmt(s['frozen_objects'], '.0f')} |"
         )
-    by_key = {(s["server"], s["preload"], s["ballast_mib"]): s for s in summary}
+    by_key = {(s["server"], s["preload"], s["ballast_mib"], s["install"]): s for s in summary}
     ratio_lines = []
     for cand, base in MEMORY_COMPARISONS:
-        for (name, preload, ballast), s in by_key.items():
-            b = by_key.get((base, preload, ballast))
+        for (name, preload, ballast, install), s in by_key.items():
+            b = by_key.get((base, preload, ballast, install))
             if name != cand or b is None:
                 continue
 
@@ -1515,7 +1617,7 @@ def memory_table(summary: list[dict[str, Any]], args: argparse.Namespace) -> str
                 return fmt(x / y, ".2f") if x is not None and y else "n/a"
 
             ratio_lines.append(
-                f"| {cand} | {base} | {'yes' if preload else 'no'} | {ballast:g} "
+                f"| {cand} | {base} | {install} | {'yes' if preload else 'no'} | {ballast:g} "
                 f"| {ratio('rss_worker_mib')} | {ratio('pss_worker_mib')} "
                 f"| {ratio('uss_worker_mib')} | {ratio('uss_after_gc_mib')} |"
             )
@@ -1524,13 +1626,14 @@ def memory_table(summary: list[dict[str, Any]], args: argparse.Namespace) -> str
             "",
             "Ratios (candidate / baseline, < 1 is less memory):",
             "",
-            "| candidate | baseline | preload | ballast | RSS/worker | PSS/worker | USS/worker "
-            "| USS after gc |",
-            "|---|---|---|--:|--:|--:|--:|--:|",
+            "| candidate | baseline | install | preload | ballast | RSS/worker | PSS/worker "
+            "| USS/worker | USS after gc |",
+            "|---|---|---|---|--:|--:|--:|--:|--:|",
             *ratio_lines,
         ]
     notes = [
-        f"- {s['server']}{' --preload' if s['preload'] else ''} ballast {s['ballast_mib']:g}: "
+        f"- {s['server']}{' --preload' if s['preload'] else ''} [{s['install']}] "
+        f"ballast {s['ballast_mib']:g}: "
         f"{s['failure']}"
         for s in summary
         if s["failure"]
@@ -1613,6 +1716,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="pip install -e the repo into .bench/venv again",
     )
+    p.add_argument(
+        "--install",
+        choices=["both", *INSTALLS],
+        default="both",
+        help="--startup/--memory: run from .bench/venv-wheel (forkserve installed as a wheel, "
+        "as users get it), from .bench/venv (editable), or both",
+    )
     p.add_argument("--list", action="store_true", help="list server names and exit")
     args = p.parse_args(argv)
 
@@ -1637,6 +1747,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.balance_servers = wsgi_only if explicit_servers else list(BALANCE_SERVERS)
     args.startup_servers = wsgi_only if explicit_servers else list(STARTUP_SERVERS)
     args.memory_servers = wsgi_only if explicit_servers else list(MEMORY_SERVERS)
+    args.installs = list(INSTALLS) if args.install == "both" else [args.install]
     if args.quick:
         args.startup_runs = min(args.startup_runs, 5)
         args.respawns = min(args.respawns, 3)
@@ -1676,6 +1787,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ensure_venv(args.reinstall_forkserve)
         compile_forkserve()
+        if (args.startup or args.memory) and "wheel" in args.installs:
+            ensure_wheel_venv()
         wrk = ensure_wrk()
         report["environment"] = {
             "python": platform.python_version(),

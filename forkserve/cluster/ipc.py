@@ -32,7 +32,6 @@ import array
 import errno
 import json
 import os
-import pickle
 import select
 import socket
 import struct
@@ -81,6 +80,8 @@ def encode(kind: Kind, body: Any, nfds: int = 0) -> bytes:
         payload = bytes(body)
     elif kind is Kind.PICKLE:
         try:
+            import pickle  # 'advanced' serialization only
+
             payload = pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise TypeError(f"message cannot be serialized with pickle: {exc}") from exc
@@ -100,6 +101,8 @@ def decode_body(kind: Kind, payload: bytes) -> Any:
     if kind is Kind.CONN:
         return payload
     if kind is Kind.PICKLE:
+        import pickle
+
         return pickle.loads(payload)
     return json.loads(payload)
 

@@ -28,7 +28,6 @@ import signal
 import socket
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -321,8 +320,15 @@ def install_stack_dump(slot: Slot | None) -> None:
     if slot is None:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         return
-    fd, path = tempfile.mkstemp(prefix="forkserve-stacks-")
-    os.unlink(path)  # the primary reads it through /proc/<pid>/fd/<fd>
+    # The primary reads it through /proc/<pid>/fd/<fd>. An anonymous memory
+    # file spares every worker the tempfile module (and what it imports).
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("forkserve-stacks")
+    else:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="forkserve-stacks-")
+        os.unlink(path)
     faulthandler.register(signal.SIGUSR2, file=fd, all_threads=True, chain=False)
     slot.set_stack_fd(fd)
 
