@@ -90,3 +90,35 @@ def test_busy_worker_is_skipped(starter):
             sock.settimeout(slow + 5)
             assert sock.recv(16).decode() == busy  # served once the worker is back
             sock.close()
+
+
+def test_credits_let_a_busy_worker_hold_that_many():
+    """With credits=3 a worker holds up to three connections it has not taken:
+    the busy one ends up with three of the fast connections, each served once
+    it is back."""
+    slow = 3.0  # above the three 0.5 s waits on the stalled connections
+    env = {"FORKSERVE_SCHED_POLICY": "rr", "SLOW": str(slow), "CREDITS": "3"}
+    with Running("rr_busy.py", starter=STARTERS[0], env=env) as run:
+        port = run.wait_tag("ready", timeout=15)[0][0]
+        slow_conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow_conn.sendall(b"slow")
+        busy = str(run.wait_tag("w-slow")[0][0])
+        prompt, stalled = [], []
+        for _ in range(12):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"fast")
+            sock.settimeout(0.5)
+            try:
+                prompt.append(sock.recv(16).decode())
+                sock.close()
+            except TimeoutError:
+                stalled.append(sock)
+        assert set(prompt) == {"1", "2"} - {busy}
+        assert len(stalled) == 3, f"the busy worker holds {len(stalled)}, not 3"
+        slow_conn.settimeout(slow + 5)
+        assert slow_conn.recv(16).decode() == busy
+        slow_conn.close()
+        for sock in stalled:
+            sock.settimeout(slow + 5)
+            assert sock.recv(16).decode() == busy
+            sock.close()

@@ -1,4 +1,6 @@
-"""Two sync workers; a 'slow' request keeps its worker busy for SLOW seconds."""
+"""Two sync workers; a 'slow' request keeps its worker busy for SLOW seconds.
+
+CREDITS: connections each worker may hold handed over and not yet taken."""
 
 import os
 import time
@@ -8,10 +10,11 @@ from _common import out, start
 from forkserve import cluster
 
 SLOW = float(os.environ.get("SLOW", "1.5"))
+CREDITS = int(os.environ.get("CREDITS", "1"))
 
 
 def worker_main():
-    listener = cluster.listen(("127.0.0.1", 0))
+    listener = cluster.listen(("127.0.0.1", 0), credits=CREDITS)
     reply = f"{cluster.worker.id}".encode()
     while True:
         conn, _addr = listener.accept()
