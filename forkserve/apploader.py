@@ -20,9 +20,9 @@ import inspect
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from forkserve.errors import AppImportError, ConfigError
 
@@ -33,15 +33,17 @@ Interface = Literal["wsgi", "asgi"]
 _DEFAULT_ATTRS = ("application", "app")
 
 
-@dataclass(frozen=True, slots=True)
-class AppSpec:
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
+
+
+class AppSpec(NamedTuple):
     """A parsed APP string: ``module``, the attribute path, and an optional call."""
 
     module: str
     attrs: tuple[str, ...]
     call: bool = False
     args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: Mapping[str, Any] = _NO_KWARGS
 
 
 def parse_spec(spec: str) -> AppSpec:

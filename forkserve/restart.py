@@ -13,7 +13,7 @@ the rest of the pool serves.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from forkserve.errors import APP_LOAD_ERROR, WORKER_BOOT_ERROR
 
@@ -29,8 +29,7 @@ class Action(enum.Enum):
     ABANDON_RELOAD = "abandon_reload"
 
 
-@dataclass(frozen=True, slots=True)
-class ExitFacts:
+class ExitFacts(NamedTuple):
     deliberate: bool
     code: int | None
     booted: bool
@@ -42,8 +41,7 @@ class ExitFacts:
     started: bool = False  # the pool has been ready once: startup is over
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     action: Action
     delay: float = 0.0
     reason: str = ""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from forkserve.scoreboard import FLAG_CANCELS_OWN, InFlight, SlotView
 
@@ -28,8 +29,7 @@ MEMORY = "memory"
 LIFETIME = "lifetime"
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
+class Limits(NamedTuple):
     timeout: float = 0.0
     request_timeout: float = 0.0
     max_memory: int = 0
@@ -46,8 +46,7 @@ class Watch:
     reported: list[tuple[str, str, float]] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
+class Finding(NamedTuple):
     kind: str  # SILENT, REQUEST_TIMEOUT, MEMORY or LIFETIME
     detail: str
     request: InFlight | None = None

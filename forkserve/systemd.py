@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 SD_LISTEN_FDS_START = 3
 
@@ -83,8 +83,7 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     return value / 2_000_000 if value > 0 else None
 
 
-@dataclass(frozen=True, slots=True)
-class ActivatedSocket:
+class ActivatedSocket(NamedTuple):
     fd: int
     name: str
 

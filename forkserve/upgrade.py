@@ -45,7 +45,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from forkserve import systemd
 from forkserve.cluster import address as cluster_address
@@ -70,8 +70,7 @@ _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 # -- the environment protocol ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
     """How this primary was started, to start the next one the same way."""
 
     argv: tuple[str, ...]
@@ -83,8 +82,7 @@ def capture_command() -> Command:
     return Command((sys.executable, "-m", "forkserve", *sys.argv[1:]), os.getcwd())
 
 
-@dataclass(frozen=True, slots=True)
-class Inherited:
+class Inherited(NamedTuple):
     """A listening socket passed by the old primary: its fd and bind name.
 
     ``family`` and ``address`` (from ``getsockname()``) are filled in once

@@ -17,14 +17,16 @@ import base64
 import binascii
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 DEFAULT_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 
 
-@dataclass(frozen=True, slots=True)
-class AccessRecord:
+_NO_ENVIRON: Mapping[str, Any] = MappingProxyType({})
+
+
+class AccessRecord(NamedTuple):
     """What the access log may see of one request (never its body)."""
 
     method: str
@@ -40,7 +42,7 @@ class AccessRecord:
     pid: int
     worker_id: int | None = None
     queued_ms: float | None = None
-    environ: Mapping[str, Any] = field(default_factory=dict)
+    environ: Mapping[str, Any] = _NO_ENVIRON
 
 
 def _escape_char(ch: str) -> str:

@@ -6,8 +6,7 @@ Imports nothing from forkserve.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class NeedData(enum.Enum):
@@ -19,8 +18,7 @@ class NeedData(enum.Enum):
 NEED_DATA = NeedData.NEED_DATA
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     method: bytes
     target: bytes
     http_version: bytes
@@ -31,18 +29,26 @@ class Request:
     chunked: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Data:
+class Data(NamedTuple):
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
 class EndOfMessage:
-    pass
+    """The end of one message (one instance serves: it carries nothing)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is EndOfMessage
+
+    def __hash__(self) -> int:
+        return hash(EndOfMessage)
+
+    def __repr__(self) -> str:
+        return "EndOfMessage()"
 
 
-@dataclass(frozen=True, slots=True)
-class ParserLimits:
+class ParserLimits(NamedTuple):
     max_request_line: int = 4094
     max_header_fields: int = 100
     max_header_field_size: int = 8190

@@ -17,8 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import unquote_to_bytes
 
 from forkserve.errors import HTTPError, ResponseError
@@ -58,10 +57,9 @@ class Transport(Protocol):
     def settimeout(self, value: float | None) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class HTTPOptions:
+class HTTPOptions(NamedTuple):
     backend: str = "auto"
-    limits: ParserLimits = field(default_factory=ParserLimits)
+    limits: ParserLimits = ParserLimits()
     root_path: str = ""
     url_scheme: str = "http"
     forwarded_allow_ips: frozenset[str] | tuple[str, ...] = ("127.0.0.1", "::1")
