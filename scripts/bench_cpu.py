@@ -13,7 +13,13 @@ A server is ``NAME=SPEC``:
 - ``fs:TREE[:ARGS]``: ``forkserve`` from the checkout at TREE (for example a
   ``git worktree`` of an older commit) with extra ARGS (``-k threaded``);
 - ``gunicorn:sync`` or ``gunicorn:gthread``: gunicorn from ``.bench/venv``
-  (``scripts/bench.py`` creates it), ``--threads 4`` for gthread.
+  (``scripts/bench.py`` creates it), ``--threads 4`` for gthread;
+- ``uvicorn``: uvicorn from ``.bench/venv`` with httptools and uvloop,
+  ``--workers`` as given (with one worker uvicorn serves in its own
+  process, which is then the one measured).
+
+ASGI servers (``uvicorn``, and ``fs`` specs whose ARGS hold ``-k asgi``)
+serve ``hello_asgi:app``, the others ``hello_wsgi:app``.
 
 ``--phases`` runs forkserve specs with the worker's request path wrapped in
 ``time.thread_time()`` probes and prints the CPU per request of each phase
@@ -27,6 +33,7 @@ stopped by process group. Usage::
     python scripts/bench_cpu.py old=fs:/tmp/fs-old new=fs:. --rounds 5
     python scripts/bench_cpu.py new=fs:.:"-k threaded" gthread=gunicorn:gthread
     python scripts/bench_cpu.py new=fs:. --phases --workloads close
+    python scripts/bench_cpu.py new=fs:.:"-k asgi" uv=uvicorn --workers 2 --connections 64
     python scripts/bench_cpu.py old=fs:/tmp/fs-old:"--sched rr" new=fs:.:"--sched rr" \
         --workers 2 --connections 64
 
@@ -53,6 +60,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "hello_wsgi:app"
+ASGI_APP = "hello_asgi:app"
 TICK = os.sysconf("SC_CLK_TCK")
 
 # -- the phase probes (this script, run inside the server with --probe) --------
@@ -165,6 +173,15 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def is_worker(pid: int) -> bool:
+    """Not a helper process of multiprocessing (its resource tracker)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return b"resource_tracker" not in file.read()
+    except OSError:
+        return False
+
+
 def command(
     spec: str, port: int, probe_out: str | None, workers: int = 1
 ) -> tuple[list[str], Path, dict[str, str]]:
@@ -175,7 +192,9 @@ def command(
         tree_text, _, extra = rest.partition(":")
         tree = Path(tree_text).resolve()
         env["PYTHONPATH"] = f"{tree}{os.pathsep}{tree / 'scripts' / 'bench_apps'}"
-        args = [APP, "-w", str(workers), "-b", bind, "--log-level", "warning", *shlex.split(extra)]
+        extra_args = shlex.split(extra)
+        app = ASGI_APP if is_asgi(extra_args) else APP
+        args = [app, "-w", str(workers), "-b", bind, "--log-level", "warning", *extra_args]
         if probe_out is not None:
             return [sys.executable, __file__, "--probe", probe_out, "--", *args], tree, env
         return [sys.executable, "-m", "forkserve", *args], tree, env
@@ -186,7 +205,27 @@ def command(
         threads = ["--threads", "4"] if rest == "gthread" else []
         argv = [str(gunicorn), "-w", str(workers), "-k", rest, *threads, "--log-level", "warning"]
         return [*argv, "-b", bind, APP], apps, env
-    raise SystemExit(f"unknown server spec {spec!r}: use fs:TREE[:ARGS] or gunicorn:sync|gthread")
+    if kind == "uvicorn":
+        uvicorn = ROOT / ".bench" / "venv" / "bin" / "uvicorn"
+        apps = ROOT / "scripts" / "bench_apps"
+        env["PYTHONPATH"] = str(apps)
+        host, _, port_text = bind.rpartition(":")
+        argv = [str(uvicorn), ASGI_APP, "--host", host, "--port", port_text]
+        argv += ["--workers", str(workers), "--http", "httptools", "--loop", "uvloop"]
+        return [*argv, "--no-access-log", "--log-level", "warning"], apps, env
+    raise SystemExit(
+        f"unknown server spec {spec!r}: use fs:TREE[:ARGS], gunicorn:sync|gthread or uvicorn"
+    )
+
+
+def is_asgi(args: list[str]) -> bool:
+    """The forkserve arguments choose the asgi worker class."""
+    for i, arg in enumerate(args):
+        if arg in ("-k", "--worker-class") and args[i + 1 : i + 2] == ["asgi"]:
+            return True
+        if arg in ("-kasgi", "--worker-class=asgi"):
+            return True
+    return False
 
 
 def wait_ready(port: int, deadline: float) -> None:
@@ -216,6 +255,9 @@ def run_once(
         wait_ready(port, time.monotonic() + 20)
         time.sleep(0.7)  # the worker finishes booting
         workers = children(server.pid)
+        if spec.startswith("uvicorn") and options.workers == 1:
+            workers = [server.pid]  # one worker: uvicorn serves in its own process
+        workers = [pid for pid in workers if is_worker(pid)]
         before = [thread_cpu(pid) for pid in workers]
         primary_before = sum(thread_cpu(server.pid))
         wrk = ["wrk", "-t1", f"-c{options.connections}", f"-d{options.duration}s"]
@@ -229,6 +271,8 @@ def run_once(
         ).stdout
         after = [thread_cpu(pid) for pid in workers]
         primary = (sum(thread_cpu(server.pid)) - primary_before) / TICK
+        if workers == [server.pid]:
+            primary = 0.0
         found = re.search(r"(\d+) requests in", out)
         requests = int(found.group(1)) if found else 0
         user = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) / TICK

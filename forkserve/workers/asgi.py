@@ -16,9 +16,11 @@ shared listening socket; under ``--sched rr`` one task per listener takes the
 connections the primary hands over (``accept_async`` acknowledges them) and
 attaches each to a protocol. Every connection first goes through
 forkserve's strict HTTP/1.1 front end (``asgi_guard``), which forwards to
-uvicorn's protocol only the bytes it has accepted. uvicorn's own access log
-is off: requests are logged through ``format_access`` like every other
-worker class, and counted for ``--max-requests``.
+uvicorn's protocol only the bytes it has accepted; uvicorn writes through
+``CoalescedTransport``, so a response's head and body leave in one system
+call. uvicorn's own access log is off: requests are logged through
+``format_access`` like every other worker class, and counted for
+``--max-requests``.
 
 Between uvicorn and the application sits one layer, ``request_hooks``: the
 scoreboard, the access log, ``--request-timeout`` (one loop timer, no task),
@@ -65,7 +67,7 @@ from forkserve.http.accesslog import AccessRecord
 from forkserve.http.response import check_header
 from forkserve.scoreboard import FLAG_CANCELS_OWN, Slot
 
-from .asgi_guard import GroupedTimers, GuardedConnection, GuardOptions
+from .asgi_guard import Flusher, GroupedTimers, GuardedConnection, GuardOptions, Relay
 from .base import LOG, WorkerBase, queued_ms
 
 Scope = MutableMapping[str, Any]
@@ -658,6 +660,7 @@ class ASGIWorker(WorkerBase):
                 hold=_hold,
             )
         self.head_deadlines = GroupedTimers(self.loop, config.header_timeout)
+        self.flusher = Flusher(self.loop)
         self._stop = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self._accepting: set[asyncio.Task[None]] = set()
@@ -772,8 +775,9 @@ class ASGIWorker(WorkerBase):
         ticker.cancel()
 
     def _make_protocol(self, waited: float | None = None) -> asyncio.Protocol:
-        """uvicorn's protocol behind forkserve's strict front end (asgi_guard);
-        ``waited``: milliseconds the connection waited in the primary."""
+        """uvicorn's protocol behind forkserve's strict front end (asgi_guard),
+        or behind a plain ``Relay`` with --asgi-guard off; both coalesce its
+        writes. ``waited``: milliseconds the connection waited in the primary."""
         state = self.lifespan.state
         if waited is not None:
             state = {**state, QUEUED_KEY: [waited]}
@@ -785,8 +789,8 @@ class ASGIWorker(WorkerBase):
         )
         guard = self.guard
         if guard is None:
-            return protocol
-        return GuardedConnection(protocol, guard, self.head_deadlines)
+            return Relay(protocol, self.flusher)
+        return GuardedConnection(protocol, guard, self.head_deadlines, self.flusher)
 
     async def _accept_handed_over(self, listener: cluster.Listener) -> None:
         """Round robin: attach each connection the primary hands this worker."""

@@ -5,10 +5,11 @@ Theory of operation
 uvicorn's HTTP protocols are more lenient than forkserve's parser (both
 Content-Length and Transfer-Encoding, obs-fold, loose chunk extensions, bare
 LF...). ``GuardedConnection`` is the asyncio protocol the transport talks to;
-uvicorn's protocol sits behind it and gets the same transport, so responses,
-flow control and closing stay uvicorn's. Every received byte goes first
-through forkserve's request parser (``make_parser``); the guard forwards a
-byte to uvicorn only once the parser has accepted it:
+uvicorn's protocol sits behind it and writes to the same transport through
+``CoalescedTransport``, so responses, flow control and closing stay
+uvicorn's. Every received byte goes first through forkserve's request
+parser (``make_parser``); the guard forwards a byte to uvicorn only once the
+parser has accepted it:
 
 * a request head only when it is complete and valid (a partial head is held);
 * body bytes once their framing is valid (a partial chunk line is held);
@@ -45,6 +46,20 @@ connections share a few loop timers (``GroupedTimers``): a connection
 joins the group of the moment and leaves it with its head, so most
 connections never arm or cancel a timer of their own.
 
+Writes: uvicorn's HTTP protocols write a response's head and its body
+separately, one system call each (a loopback ``send`` costs about as much
+as all the Python a small request runs). ``CoalescedTransport`` keeps what
+is written during one turn of the event loop and sends it in one call
+(``writelines``) once the turn is over: ``Flusher`` schedules one callback
+(``call_soon``) for all the connections written to in the turn, which the
+loop runs before it can sleep, so a response the application leaves
+unfinished still goes out. Closing and ``write_eof`` send what is kept
+first; aborting drops it. A write that would make the kept bytes pass
+``KEEP_MAX`` sends at once, so a body streamed without a pause reaches the
+transport's own buffer and its flow control (``pause_writing``, which
+reaches uvicorn's protocol unchanged). ``Relay`` is the same front without
+the checks, for ``--asgi-guard off``.
+
 This module does not import uvicorn; the worker (``asgi.py``) passes what
 the guard needs to know about uvicorn's protocol as plain callables.
 """
@@ -65,6 +80,9 @@ from forkserve.http.response import DateCache, error_response
 
 LOG = logging.getLogger("forkserve.asgi")
 
+# The most a CoalescedTransport keeps before it sends (the loop's transports
+# start pushing back at 64 KiB).
+KEEP_MAX = 65536
 # While an earlier response is still going out, an error answer waits this
 # long between checks (only on the rare error-after-pipelining path).
 ERROR_RETRY = 0.02
@@ -195,7 +213,184 @@ class GroupedTimers:
                 )
 
 
-class GuardedConnection(asyncio.Protocol):
+class Flusher:
+    """A worker's transports with writes kept in this turn of the event loop:
+    one callback at the end of the turn sends them all."""
+
+    __slots__ = ("kept", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.kept: list[CoalescedTransport] = []
+
+    def flush(self) -> None:
+        kept, self.kept = self.kept, []
+        for coalesced in kept:
+            coalesced.flush()
+
+
+class CoalescedTransport:
+    """The transport as ``inner`` protocols see it: the writes of one turn of
+    the event loop leave together, in order, in one system call.
+
+    Everything but writing and closing is the transport's own. Closing sends
+    what is kept first; aborting drops it. Asked for its socket, it gives
+    ``SocketAddresses``.
+    """
+
+    __slots__ = ("_flusher", "_size", "is_closing", "pending", "transport")
+
+    def __init__(self, transport: Any, flusher: Flusher) -> None:
+        self.transport = transport
+        self._flusher = flusher
+        self.pending: list[bytes] | None = None
+        self._size = 0  # bytes kept
+        # Asked after every response: the transport's own, without a frame here.
+        self.is_closing: Callable[[], bool] = transport.is_closing
+
+    def write(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            # A transport copies what it cannot send at once; kept here, a
+            # bytearray or memoryview the caller reuses would change first.
+            data = bytes(data)
+        pending = self.pending
+        if pending is None:
+            size = len(data)
+            if size > KEEP_MAX:
+                # Nothing to gather it with: it goes now, and the transport's
+                # flow control (pause_writing) sees it at once.
+                self.transport.write(data)
+                return
+            self.pending = [data]
+            self._size = size
+            flusher = self._flusher
+            kept = flusher.kept
+            if not kept:
+                flusher.loop.call_soon(flusher.flush)
+            kept.append(self)
+            return
+        pending.append(data)
+        self._size += len(data)
+        if self._size > KEEP_MAX:
+            # A body streamed without a pause: the transport's own buffer
+            # and its flow control (pause_writing) take over at once.
+            self.flush()
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def flush(self) -> None:
+        """Send what was written since the last flush."""
+        pending = self.pending
+        if pending is None:
+            return
+        self.pending = None
+        transport = self.transport
+        if transport.is_closing():
+            return  # the peer went away: nowhere to send it
+        if len(pending) == 1:
+            transport.write(pending[0])
+        else:
+            transport.writelines(pending)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.pending = None
+        self.transport.abort()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self.transport.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        kept = self._size if self.pending else 0
+        return int(self.transport.get_write_buffer_size()) + kept
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return SocketAddresses(self.transport)
+        return self.transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        protocol: asyncio.BaseProtocol = self.transport.get_protocol()
+        return protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class SocketAddresses:
+    """A connection's socket as uvicorn uses it: for its two addresses.
+
+    uvicorn asks the socket (``get_extra_info("socket")``) for its local and
+    peer address on every connection, and each answer costs system calls;
+    the loop has both already (``sockname``, ``peername``: the same values,
+    read once when the connection was accepted). Anything else is the
+    socket's own.
+    """
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def getsockname(self) -> Any:
+        return self._transport.get_extra_info("sockname")
+
+    def getpeername(self) -> Any:
+        return self._transport.get_extra_info("peername")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport.get_extra_info("socket"), name)
+
+
+class Relay(asyncio.Protocol):
+    """``inner`` (uvicorn's protocol) behind a ``CoalescedTransport``; what
+    arrives reaches it unchanged (``--asgi-guard off``)."""
+
+    __slots__ = ("_flusher", "_loop", "inner", "transport")
+
+    def __init__(self, inner: asyncio.Protocol, flusher: Flusher) -> None:
+        self.inner = inner
+        self._flusher = flusher
+        self._loop = flusher.loop
+        self.transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        coalesced = CoalescedTransport(transport, self._flusher)
+        self.transport = coalesced
+        self.inner.connection_made(coalesced)  # type: ignore[arg-type]  # a transport's stand-in
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class GuardedConnection(Relay):
     """Validates every byte before ``inner`` (uvicorn's protocol) sees it."""
 
     __slots__ = (
@@ -212,14 +407,16 @@ class GuardedConnection(asyncio.Protocol):
         "_unparsed",
         "_upgrade",
         "_watch",
-        "inner",
-        "transport",
     )
 
     def __init__(
-        self, inner: asyncio.Protocol, options: GuardOptions, deadlines: GroupedTimers
+        self,
+        inner: asyncio.Protocol,
+        options: GuardOptions,
+        deadlines: GroupedTimers,
+        flusher: Flusher,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner, flusher)
         self._options = options
         self._deadlines = deadlines
         # Made by ``_make_parser`` for the first receive ``plain_head`` cannot take.
@@ -239,14 +436,11 @@ class GuardedConnection(asyncio.Protocol):
         self._failed = False
         # The deadline group this connection waits for a head in (``deadlines``).
         self._watch: Group | None = None
-        self.transport: asyncio.Transport | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses.
-        self.transport = transport  # type: ignore[assignment]
-        self.inner.connection_made(transport)
+        super().connection_made(transport)
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -299,12 +493,6 @@ class GuardedConnection(asyncio.Protocol):
         self._cancel_timer()
         self._held = b""
         self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
 
     # -- validation ------------------------------------------------------------
 
@@ -417,7 +605,7 @@ class GuardedConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if self._options.busy(self.inner):
-            self._deadlines.loop.call_later(ERROR_RETRY, self._answer_when_idle, status, message)
+            self._loop.call_later(ERROR_RETRY, self._answer_when_idle, status, message)
             return
         self._answer(status, message)
 

@@ -24,9 +24,11 @@ from forkserve.http.events import NEED_DATA, EndOfMessage, ParserLimits, Request
 from forkserve.http.parser import make_parser
 from forkserve.workers import asgi_guard
 from forkserve.workers.asgi_guard import (
+    Flusher,
     GroupedTimers,
     GuardedConnection,
     GuardOptions,
+    Relay,
     plain_head,
 )
 from tests.helpers import BODY_LEVEL, INCOMPLETE, INVALID, VALID
@@ -64,11 +66,17 @@ class Inner(asyncio.Protocol):
 class Transport:
     def __init__(self) -> None:
         self.written = bytearray()
+        self.writes = 0  # system calls, as it were
         self.closing = False
         self.protocol: Any = None
 
     def write(self, data: bytes) -> None:
+        self.writes += 1
         self.written += data
+
+    def writelines(self, lines: list[bytes]) -> None:
+        self.writes += 1
+        self.written += b"".join(lines)
 
     def close(self) -> None:
         self.closing = True
@@ -78,6 +86,9 @@ class Transport:
 
     def is_closing(self) -> bool:
         return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
     def pause_reading(self) -> None:
         pass
@@ -97,7 +108,7 @@ def connect(
     loop: asyncio.AbstractEventLoop, opts: GuardOptions | None = None, timeout: float = 0.0
 ) -> tuple[GuardedConnection, Inner, Transport]:
     inner = Inner()
-    guard = GuardedConnection(inner, opts or options(), GroupedTimers(loop, timeout))
+    guard = GuardedConnection(inner, opts or options(), GroupedTimers(loop, timeout), Flusher(loop))
     transport = Transport()
     transport.protocol = guard
     guard.connection_made(transport)  # type: ignore[arg-type]
@@ -402,3 +413,297 @@ def test_grouped_timers_fire_late_never_early_and_survive_a_failing_callback(
     for name in ("fail", "kept"):
         assert 0.1 <= fired[name] - began + 0.002 < 0.1 + 0.01 + 0.3
     assert [str(e["exception"]) for e in errors] == ["boom"]
+
+
+# -- writes --------------------------------------------------------------------------------
+
+
+class Writer(Inner):
+    """uvicorn's place, writing a response the way uvicorn does: head, then body."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def respond(self, body: bytes = b"ok") -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+        self.transport.write(body)
+
+
+def test_a_responses_writes_leave_in_one_call_once_the_loop_turns(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    inner = Writer()
+    relay = Relay(inner, Flusher(loop))
+    transport = Transport()
+    relay.connection_made(transport)  # type: ignore[arg-type]
+    inner.respond(b"first")
+    inner.respond(b"second")
+    assert transport.writes == 0 and inner.transport.get_write_buffer_size() > 0
+    loop.run_until_complete(asyncio.sleep(0))
+    assert transport.writes == 1
+    assert bytes(transport.written) == (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst"
+        b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond"
+    )
+    inner.respond(b"last")
+    inner.transport.close()  # what was kept goes first
+    assert transport.writes == 2 and transport.written.endswith(b"last") and transport.closing
+
+
+def test_kept_writes_are_dropped_on_abort_and_after_the_peer_left(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    inner = Writer()
+    relay = Relay(inner, Flusher(loop))
+    transport = Transport()
+    relay.connection_made(transport)  # type: ignore[arg-type]
+    inner.respond()
+    inner.transport.abort()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert transport.writes == 0
+    transport.closing = False
+    inner.respond()
+    transport.closing = True  # the peer reset the connection meanwhile
+    loop.run_until_complete(asyncio.sleep(0))
+    assert transport.writes == 0
+
+
+def test_relay_forwards_everything_unchanged(loop: asyncio.AbstractEventLoop) -> None:
+    inner = Inner()
+    relay = Relay(inner, Flusher(loop))
+    transport = Transport()
+    relay.connection_made(transport)  # type: ignore[arg-type]
+    relay.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n")
+    relay.data_received(b"X: \x01\r\n\r\n")  # not ours to judge with the guard off
+    relay.eof_received()
+    relay.connection_lost(None)
+    assert bytes(inner.received) == b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n"
+    assert inner.eof and inner.lost
+
+
+def test_an_error_answer_follows_the_responses_kept_before_it(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    inner = Writer()
+    guard = GuardedConnection(inner, options(), GroupedTimers(loop, 0.0), Flusher(loop))
+    transport = Transport()
+    transport.protocol = guard
+    guard.connection_made(transport)  # type: ignore[arg-type]
+    guard.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    inner.respond(b"answered")
+    guard.data_received(
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    )
+    assert transport.closing
+    assert transport.written.index(b"answered") < transport.written.index(b"400 Bad Request")
+
+
+def test_uvicorn_reads_the_addresses_the_loop_already_has(loop: asyncio.AbstractEventLoop) -> None:
+    from uvicorn.protocols.utils import get_local_addr, get_remote_addr
+
+    class Asked(Transport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            if name == "socket":
+                raise AssertionError("asked the socket itself")
+            extra = {"sockname": ("::1", 8000, 0, 0), "peername": ("::1", 5555, 0, 0)}
+            return extra.get(name, default)
+
+    inner = Writer()
+    Relay(inner, Flusher(loop)).connection_made(Asked())  # type: ignore[arg-type]
+    assert get_local_addr(inner.transport) == ("::1", 8000)
+    assert get_remote_addr(inner.transport) == ("::1", 5555)
+
+
+def test_a_body_streamed_without_a_pause_is_not_kept_whole(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    inner = Writer()
+    relay = Relay(inner, Flusher(loop))
+    transport = Transport()
+    relay.connection_made(transport)  # type: ignore[arg-type]
+    chunk = b"x" * 16384
+    for _ in range(64):  # 1 MiB in one turn of the loop
+        inner.transport.write(chunk)
+        assert inner.transport.get_write_buffer_size() <= asgi_guard.KEEP_MAX + len(chunk)
+    assert len(transport.written) > 1_000_000 - asgi_guard.KEEP_MAX - len(chunk)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(transport.written) == 64 * len(chunk)
+
+
+def test_a_write_past_the_limit_with_nothing_kept_goes_at_once(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    inner = Writer()
+    relay = Relay(inner, Flusher(loop))
+    transport = Transport()
+    relay.connection_made(transport)  # type: ignore[arg-type]
+    inner.transport.write(b"x" * (asgi_guard.KEEP_MAX + 1))
+    assert transport.writes == 1 and inner.transport.get_write_buffer_size() == 0
+
+
+def test_a_response_that_never_ends_still_leaves_once_the_loop_turns(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    inner = Writer()
+    guard = GuardedConnection(inner, options(), GroupedTimers(loop, 0.0), Flusher(loop))
+    transport = Transport()
+    guard.connection_made(transport)  # type: ignore[arg-type]
+    guard.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    inner.transport.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    inner.transport.write(b"5\r\nfirst\r\n")  # and then the application waits forever
+    loop.run_until_complete(asyncio.sleep(0))
+    assert transport.writes == 1 and transport.written.endswith(b"first\r\n")
+    assert not transport.closing
+
+
+class FlowRecorder(Inner):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def pause_writing(self) -> None:
+        self.calls.append("pause")
+
+    def resume_writing(self) -> None:
+        self.calls.append("resume")
+
+
+def test_pause_and_resume_writing_reach_uvicorns_protocol(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    for front in (Relay, GuardedConnection):
+        inner = FlowRecorder()
+        if front is Relay:
+            protocol: Relay = Relay(inner, Flusher(loop))
+        else:
+            protocol = GuardedConnection(inner, options(), GroupedTimers(loop, 0.0), Flusher(loop))
+        protocol.connection_made(Transport())  # type: ignore[arg-type]
+        protocol.pause_writing()
+        protocol.resume_writing()
+        assert inner.calls == ["pause", "resume"], front
+
+
+def test_a_large_body_flows_over_a_socket_with_flow_control(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """4 MiB written in 16 KiB pieces as fast as uvicorn lets the application:
+    it all arrives, writing pauses, and neither the kept writes nor the
+    transport's buffer hold more than their limits."""
+    chunk, count = b"y" * 16384, 256
+    seen = {"kept": 0, "buffered": 0}
+
+    class Streamer(Inner):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            self.resumed: asyncio.Future[None] | None = None
+            self.pauses = 0
+
+        def pause_writing(self) -> None:
+            self.pauses += 1
+            self.resumed = loop.create_future()
+
+        def resume_writing(self) -> None:
+            if self.resumed is not None and not self.resumed.done():
+                self.resumed.set_result(None)
+
+        async def stream(self) -> None:
+            coalesced = self.transport
+            for _ in range(count):
+                coalesced.write(chunk)
+                real = coalesced.transport.get_write_buffer_size()
+                seen["kept"] = max(seen["kept"], coalesced.get_write_buffer_size() - real)
+                seen["buffered"] = max(seen["buffered"], real)
+                if self.resumed is not None:
+                    await self.resumed  # uvicorn's FlowControl.drain
+                    self.resumed = None
+            coalesced.close()
+
+    async def scenario() -> tuple[bytes, Streamer]:
+        import socket
+
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        inner = Streamer()
+        relay = Relay(inner, Flusher(loop))
+        await loop.connect_accepted_socket(lambda: relay, ours)
+        writing = loop.create_task(inner.stream())
+        received = bytearray()
+        while True:
+            data = await asyncio.wait_for(loop.sock_recv(theirs, 65536), 10)
+            if not data:
+                break
+            received += data
+            if len(received) % 5 == 0:
+                await asyncio.sleep(0.001)  # a slow reader
+        await asyncio.wait_for(writing, 10)
+        theirs.close()
+        return bytes(received), inner
+
+    received, inner = loop.run_until_complete(scenario())
+    assert received == chunk * count
+    assert inner.pauses > 0
+    assert seen["kept"] <= asgi_guard.KEEP_MAX
+    assert seen["buffered"] <= 1024 * 1024
+
+
+def test_an_upgrade_switches_the_transport_to_the_new_protocol(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    class Switched(Inner):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+    websocket = Switched()
+
+    class Upgrading(Inner):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # uvicorn: the WebSocket protocol gets the same transport stand-in.
+            websocket.connection_made(self.transport)
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            self.transport.set_protocol(websocket)
+
+    class Switchable(Transport):
+        def set_protocol(self, protocol: Any) -> None:
+            self.protocol = protocol
+
+    opts = GuardOptions(
+        backend="framing",
+        limits=ParserLimits(),
+        websockets=True,
+        busy=lambda inner: False,
+        responding=lambda inner: False,
+        hold=lambda inner: None,
+    )
+    inner = Upgrading()
+    guard = GuardedConnection(inner, opts, GroupedTimers(loop, 0.0), Flusher(loop))
+    transport = Switchable()
+    transport.protocol = guard
+    guard.connection_made(transport)  # type: ignore[arg-type]
+    head = (
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    guard.data_received(head + b"\x81\x80frame")
+    assert transport.protocol is websocket
+    assert bytes(inner.received) == head and bytes(websocket.received) == b"\x81\x80frame"
+    websocket.transport.write(b"\x81\x02hi")
+    loop.run_until_complete(asyncio.sleep(0))
+    assert transport.writes == 1
+    assert transport.written == b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi"
+
+
+def test_a_reused_buffer_is_sent_as_it_was_when_written(loop: asyncio.AbstractEventLoop) -> None:
+    inner = Writer()
+    relay = Relay(inner, Flusher(loop))
+    transport = Transport()
+    relay.connection_made(transport)  # type: ignore[arg-type]
+    buffer = bytearray(b"first")
+    inner.transport.write(buffer)
+    buffer[:] = b"later"  # the caller reuses its buffer before the loop turns
+    inner.transport.write(memoryview(b"-view"))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert bytes(transport.written) == b"first-view"
