@@ -154,6 +154,33 @@ def describe(sock: socket.socket, *, udp: bool | None = None) -> dict[str, Any]:
     return {"address": host, "port": port, "address_type": kind}
 
 
+class Acceptor:
+    """``sock.accept()`` for one listening socket, without its per-call cost.
+
+    ``socket.accept()`` reads the listening socket's family and type through
+    properties that build enum members on every call (about 3 µs of a 12 µs
+    accept on CPython 3.11); these are read once here. The result is the
+    same: the connection and the peer's address, the connection blocking
+    unless a default timeout is set.
+    """
+
+    __slots__ = ("_accept", "_kind", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        # The C method socket.accept() wraps (not in the type stubs).
+        self._accept = sock._accept  # type: ignore[attr-defined]
+        self._kind = (int(sock.family), int(sock.type), sock.proto)
+
+    def __call__(self) -> tuple[socket.socket, Any]:
+        fd, addr = self._accept()
+        family, kind, proto = self._kind
+        conn = socket.socket(family, kind, proto, fd)
+        if socket.getdefaulttimeout() is None and self._sock.gettimeout():
+            conn.setblocking(True)  # as socket.accept() does
+        return conn, addr
+
+
 def open_socket(
     addr: Address, *, backlog: int = 511, reuse_port: bool = False, port: int | None = None
 ) -> socket.socket:

@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .address import Acceptor
 from .ipc import NONBLOCKING
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class Listener:
         self.mode = mode
         self.address = address
         self._sock = sock
+        self._acceptor: Acceptor | None = None
         self._child = child
         self.key = key
         self._loop = loop
@@ -172,7 +174,7 @@ class Listener:
             now = time.monotonic()
             if now < self._next_poll:
                 try:
-                    return self._sock.accept()
+                    return self._accept_now()
                 except BlockingIOError:
                     pass
             self._next_poll = now + CHANNEL_POLL_INTERVAL
@@ -190,8 +192,7 @@ class Listener:
             if self.closed:
                 raise _closed_error()
             if self.mode != "rr":
-                assert self._sock is not None
-                return self._sock.accept()
+                return self._accept_now()
             if self._queue:
                 return self._take()
             if not self._blocking:
@@ -199,6 +200,14 @@ class Listener:
             assert child is not None
             if not child.wait_readable(None):
                 raise _closed_error()
+
+    def _accept_now(self) -> tuple[socket.socket, Any]:
+        """Accept on the real socket (``Acceptor``: made on first use)."""
+        accept = self._acceptor
+        if accept is None:
+            assert self._sock is not None
+            accept = self._acceptor = Acceptor(self._sock)
+        return accept()
 
     def take_initial_data(self, conn: socket.socket) -> bytes:
         """Bytes of ``conn`` the primary read before handing it over (once; else b"")."""

@@ -57,6 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from .address import Acceptor
 from .ipc import Handoff
 
 C = TypeVar("C")
@@ -273,6 +274,7 @@ class RoundRobinHandle:
         # address, ipc flags.
         self._info: dict[socket.socket, tuple[bytes, float, Any, int]] = {}
         self._family = int(sock.family)
+        self._accept = Acceptor(sock)
         self.wait = wait if wait is not None else WaitStats()
         self._reading = False
         self.closed = False
@@ -328,7 +330,7 @@ class RoundRobinHandle:
             if self.queue.full and self.on_overflow is None:
                 break
             try:
-                conn, addr = self.sock.accept()
+                conn, addr = self._accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:

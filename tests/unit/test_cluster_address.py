@@ -138,3 +138,33 @@ def test_describe_target():
     assert A.describe_target(A.parse("[::1]:80")) == "[::1]:80"
     assert A.describe_target(A.parse("127.0.0.1:80")) == "127.0.0.1:80"
     assert A.describe_target(A.parse({"fd": 4})) == "fd 4"
+
+
+@pytest.mark.parametrize("timeout", [None, 0.0, 5.0])
+def test_acceptor_accepts_as_socket_accept_does(timeout: float | None) -> None:
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(4)
+    listening.settimeout(timeout)
+    accept = A.Acceptor(listening)
+    clients = [socket.create_connection(listening.getsockname(), timeout=5) for _ in range(2)]
+    try:
+        for client in clients:
+            conn, peer = accept()
+            with conn:
+                assert peer == client.getsockname()
+                assert (conn.family, conn.type, conn.proto) == (
+                    listening.family,
+                    listening.type,
+                    listening.proto,
+                )
+                assert conn.gettimeout() is None and conn.getblocking()
+                client.sendall(b"ping")
+                assert conn.recv(4) == b"ping"
+        if timeout == 0.0:
+            with pytest.raises(BlockingIOError):
+                accept()
+    finally:
+        for client in clients:
+            client.close()
+        listening.close()

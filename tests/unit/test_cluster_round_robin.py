@@ -231,6 +231,8 @@ class FakeListening:
         self.closed = False
 
     family = socket.AF_UNIX
+    type = socket.SOCK_STREAM
+    proto = 0
 
     def setblocking(self, flag: bool) -> None:
         pass
@@ -238,10 +240,14 @@ class FakeListening:
     def fileno(self) -> int:
         return -1 if self.closed else 1000
 
-    def accept(self) -> tuple[socket.socket, Any]:
+    def _accept(self) -> tuple[int, Any]:
+        # What socket.accept() wraps (the handle's Acceptor calls it).
         if not self.waiting:
             raise BlockingIOError
-        return self.waiting.pop(0), ("127.0.0.1", 1)
+        return self.waiting.pop(0).detach(), ("127.0.0.1", 1)
+
+    def gettimeout(self) -> float | None:
+        return 0.0
 
     def getsockname(self) -> Any:
         return ("127.0.0.1", 0)
