@@ -251,15 +251,21 @@ def ensure_venv(reinstall_forkserve: bool) -> None:
             [str(py), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True, timeout=900
         )
     log(f"peers venv: installing forkserve from {REPO}")
+    pip_install_forkserve(py, "peers venv", ["-e", str(REPO)])
+
+
+def pip_install_forkserve(py: Path, label: str, args: list[str]) -> None:
+    """``pip install -q ARGS`` into a bench venv; a failure is logged, not raised
+    (the forkserve rows then fail to start and say so)."""
     res = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "-e", str(REPO)],
+        [str(py), "-m", "pip", "install", "-q", *args],
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
     )
     if res.returncode != 0:
-        log("peers venv: WARNING: installing forkserve failed; its rows will fail to start")
+        log(f"{label}: WARNING: installing forkserve failed; its rows will fail to start")
         log(res.stderr[-2000:])
 
 
@@ -295,16 +301,7 @@ def ensure_wheel_venv() -> None:
             timeout=900,
         )
     log(f"wheel venv: installing forkserve from a copy of {REPO / 'forkserve'}")
-    res = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(WHEEL_SRC)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    if res.returncode != 0:
-        log("wheel venv: WARNING: installing forkserve failed; its rows will fail to start")
-        log(res.stderr[-2000:])
+    pip_install_forkserve(py, "wheel venv", ["--no-deps", "--force-reinstall", str(WHEEL_SRC)])
 
 
 def compile_forkserve() -> None:

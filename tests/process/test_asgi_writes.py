@@ -11,10 +11,8 @@ Waits are bounded.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Server
 
-from tests.helpers import wait_for
+from tests.helpers import make_certificate, wait_for
 
 APP_SOURCE = """
 import asyncio
@@ -139,18 +137,7 @@ def test_the_scope_carries_the_connections_addresses(serve, app_dir: Path, sched
 
 
 def test_tls_responses_and_large_bodies(serve, app_dir: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command")
-    cert, key = app_dir / "cert.pem", app_dir / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = make_certificate(app_dir)
     server = start(serve, app_dir, "--certfile", str(cert), "--keyfile", str(key), ready=False)
     context = ssl.create_default_context(cafile=str(cert))
     context.check_hostname = False

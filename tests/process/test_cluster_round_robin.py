@@ -54,42 +54,54 @@ def test_fair_over_400_connections(starter):
             assert 80 <= n <= 120, f"worker {who} got {n} of 400: {dict(counts)}"
 
 
+class BusyWorker:
+    """rr_busy.py with one worker held on a slow connection, and the fast
+    connections sent while it sleeps: answered at once (``prompt``: by whom)
+    or left waiting for the busy worker (``stalled``)."""
+
+    def __init__(self, run: Running, slow: float) -> None:
+        self.slow = slow
+        self.port = run.wait_tag("ready", timeout=15)[0][0]
+        self.slow_conn = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.slow_conn.sendall(b"slow")
+        self.busy = str(run.wait_tag("w-slow")[0][0])
+        self.prompt: list[str] = []
+        self.stalled: list[socket.socket] = []
+
+    def send_fast(self, count: int) -> None:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            sock.sendall(b"fast")
+            sock.settimeout(0.5)
+            try:
+                self.prompt.append(sock.recv(16).decode())
+                sock.close()
+            except TimeoutError:
+                self.stalled.append(sock)
+
+    def finish(self) -> None:
+        """The slow connection, then every stalled one, is served by the busy worker."""
+        for sock in (self.slow_conn, *self.stalled):
+            sock.settimeout(self.slow + 5)
+            assert sock.recv(16).decode() == self.busy
+            sock.close()
+
+
 @pytest.mark.parametrize("starter", STARTERS)
 def test_busy_worker_is_skipped(starter):
     """A sync worker sleeping on a connection gets at most the one connection it was
     handed when it took the slow one (Node's one-in-hand rule); every other
     connection goes to the free worker and is answered at once."""
     slow = 2.0
-    with Running(
-        "rr_busy.py", starter=starter, env={"FORKSERVE_SCHED_POLICY": "rr", "SLOW": str(slow)}
-    ) as run:
-        port = run.wait_tag("ready", timeout=15)[0][0]
-        slow_conn = socket.create_connection(("127.0.0.1", port), timeout=10)
-        slow_conn.sendall(b"slow")
-        busy = str(run.wait_tag("w-slow")[0][0])
+    env = {"FORKSERVE_SCHED_POLICY": "rr", "SLOW": str(slow)}
+    with Running("rr_busy.py", starter=starter, env=env) as run:
+        held = BusyWorker(run, slow)
         started = time.monotonic()
-        prompt, stalled = [], []
-        for _ in range(20):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(b"fast")
-            sock.settimeout(0.5)
-            try:
-                prompt.append(sock.recv(16).decode())
-                sock.close()
-            except TimeoutError:
-                stalled.append(sock)
-        elapsed = time.monotonic() - started
-        assert elapsed < slow, "fast connections waited for the busy worker"
-        free = {"1", "2"} - {busy}
-        assert set(prompt) == free, (busy, prompt)
-        assert len(stalled) <= 1, f"{len(stalled)} connections went to the busy worker"
-        slow_conn.settimeout(slow + 5)
-        assert slow_conn.recv(16).decode() == busy
-        slow_conn.close()
-        for sock in stalled:
-            sock.settimeout(slow + 5)
-            assert sock.recv(16).decode() == busy  # served once the worker is back
-            sock.close()
+        held.send_fast(20)
+        assert time.monotonic() - started < slow, "fast connections waited for the busy worker"
+        assert set(held.prompt) == {"1", "2"} - {held.busy}, (held.busy, held.prompt)
+        assert len(held.stalled) <= 1, f"{len(held.stalled)} went to the busy worker"
+        held.finish()
 
 
 def test_credits_let_a_busy_worker_hold_that_many():
@@ -99,26 +111,8 @@ def test_credits_let_a_busy_worker_hold_that_many():
     slow = 3.0  # above the three 0.5 s waits on the stalled connections
     env = {"FORKSERVE_SCHED_POLICY": "rr", "SLOW": str(slow), "CREDITS": "3"}
     with Running("rr_busy.py", starter=STARTERS[0], env=env) as run:
-        port = run.wait_tag("ready", timeout=15)[0][0]
-        slow_conn = socket.create_connection(("127.0.0.1", port), timeout=10)
-        slow_conn.sendall(b"slow")
-        busy = str(run.wait_tag("w-slow")[0][0])
-        prompt, stalled = [], []
-        for _ in range(12):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(b"fast")
-            sock.settimeout(0.5)
-            try:
-                prompt.append(sock.recv(16).decode())
-                sock.close()
-            except TimeoutError:
-                stalled.append(sock)
-        assert set(prompt) == {"1", "2"} - {busy}
-        assert len(stalled) == 3, f"the busy worker holds {len(stalled)}, not 3"
-        slow_conn.settimeout(slow + 5)
-        assert slow_conn.recv(16).decode() == busy
-        slow_conn.close()
-        for sock in stalled:
-            sock.settimeout(slow + 5)
-            assert sock.recv(16).decode() == busy
-            sock.close()
+        held = BusyWorker(run, slow)
+        held.send_fast(12)
+        assert set(held.prompt) == {"1", "2"} - {held.busy}
+        assert len(held.stalled) == 3, f"the busy worker holds {len(held.stalled)}, not 3"
+        held.finish()

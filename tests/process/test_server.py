@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, answers_200, free_port, pid_alive, wait_for
+from tests.helpers import ROOT, answers_200, free_port, make_certificate, pid_alive, wait_for
 
 POLICIES = ["rr", "none"]
 PARSERS = ["httptools", "h11"]
@@ -350,33 +350,9 @@ def test_user_and_group_are_dropped_in_workers(serve) -> None:
 
 
 def test_tls_with_certfile_and_keyfile(serve, tmp_path: Path) -> None:
-    import shutil
     import ssl
 
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = make_certificate(tmp_path)
     server = serve("wsgi_apps:app", "--certfile", str(cert), "--keyfile", str(key), ready=False)
     context = ssl.create_default_context(cafile=str(cert))
     context.check_hostname = False

@@ -10,11 +10,9 @@ import contextlib
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +22,7 @@ import httpx
 import pytest
 from conftest import Server, wait_for
 
-from tests.helpers import closed_by_server
+from tests.helpers import closed_by_server, make_certificate
 
 APP = "threaded_apps:app"
 SCHEDS = ["rr", "none"]
@@ -413,22 +411,6 @@ def test_busy_keepalive_clients_do_not_starve_a_new_connection(serve, sched):
     assert head.startswith(b"HTTP/1.1 200") and body == b"Hello, world!", head
     # 8 clients on 2 threads, 20 ms a request: a fair turn is about 80 ms.
     assert waited < 1.0, f"a new connection waited {waited:.2f}s behind busy keep-alive ones"
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
 
 
 @pytest.mark.parametrize("sched", SCHEDS)

@@ -429,13 +429,19 @@ class Writer(Inner):
         self.transport.write(body)
 
 
+def relayed(inner: Inner, loop: asyncio.AbstractEventLoop) -> tuple[Relay, Transport]:
+    """``inner`` behind a Relay over a fake transport, connected."""
+    relay = Relay(inner, Flusher(loop))
+    transport = Transport()
+    relay.connection_made(transport)  # type: ignore[arg-type]
+    return relay, transport
+
+
 def test_a_responses_writes_leave_in_one_call_once_the_loop_turns(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     inner = Writer()
-    relay = Relay(inner, Flusher(loop))
-    transport = Transport()
-    relay.connection_made(transport)  # type: ignore[arg-type]
+    _, transport = relayed(inner, loop)
     inner.respond(b"first")
     inner.respond(b"second")
     assert transport.writes == 0 and inner.transport.get_write_buffer_size() > 0
@@ -454,9 +460,7 @@ def test_kept_writes_are_dropped_on_abort_and_after_the_peer_left(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     inner = Writer()
-    relay = Relay(inner, Flusher(loop))
-    transport = Transport()
-    relay.connection_made(transport)  # type: ignore[arg-type]
+    _, transport = relayed(inner, loop)
     inner.respond()
     inner.transport.abort()
     loop.run_until_complete(asyncio.sleep(0))
@@ -470,9 +474,7 @@ def test_kept_writes_are_dropped_on_abort_and_after_the_peer_left(
 
 def test_relay_forwards_everything_unchanged(loop: asyncio.AbstractEventLoop) -> None:
     inner = Inner()
-    relay = Relay(inner, Flusher(loop))
-    transport = Transport()
-    relay.connection_made(transport)  # type: ignore[arg-type]
+    relay, _ = relayed(inner, loop)
     relay.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n")
     relay.data_received(b"X: \x01\r\n\r\n")  # not ours to judge with the guard off
     relay.eof_received()
@@ -518,9 +520,7 @@ def test_a_body_streamed_without_a_pause_is_not_kept_whole(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     inner = Writer()
-    relay = Relay(inner, Flusher(loop))
-    transport = Transport()
-    relay.connection_made(transport)  # type: ignore[arg-type]
+    _, transport = relayed(inner, loop)
     chunk = b"x" * 16384
     for _ in range(64):  # 1 MiB in one turn of the loop
         inner.transport.write(chunk)
@@ -534,9 +534,7 @@ def test_a_write_past_the_limit_with_nothing_kept_goes_at_once(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     inner = Writer()
-    relay = Relay(inner, Flusher(loop))
-    transport = Transport()
-    relay.connection_made(transport)  # type: ignore[arg-type]
+    _, transport = relayed(inner, loop)
     inner.transport.write(b"x" * (asgi_guard.KEEP_MAX + 1))
     assert transport.writes == 1 and inner.transport.get_write_buffer_size() == 0
 
@@ -698,9 +696,7 @@ def test_an_upgrade_switches_the_transport_to_the_new_protocol(
 
 def test_a_reused_buffer_is_sent_as_it_was_when_written(loop: asyncio.AbstractEventLoop) -> None:
     inner = Writer()
-    relay = Relay(inner, Flusher(loop))
-    transport = Transport()
-    relay.connection_made(transport)  # type: ignore[arg-type]
+    _, transport = relayed(inner, loop)
     buffer = bytearray(b"first")
     inner.transport.write(buffer)
     buffer[:] = b"later"  # the caller reuses its buffer before the loop turns
