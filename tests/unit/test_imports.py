@@ -72,13 +72,13 @@ CLICK_COMMAND_LINES = [
 ]
 
 
-def modules_after(code: str) -> set[str]:
+def modules_after(code: str, cwd: Path = REPO) -> set[str]:
     """The names in ``sys.modules`` after running ``code`` in a fresh interpreter."""
     result = subprocess.run(
         [sys.executable, "-c", f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=cwd,
         timeout=60,
         check=False,
     )
@@ -208,16 +208,7 @@ def test_serving_command_line_leaves_click_out() -> None:
 )
 def test_deferred_paths_import_on_use(code: str, module: str, tmp_path: Path) -> None:
     # Run from tmp_path so the files the snippets write land there.
-    result = subprocess.run(
-        [sys.executable, "-c", f"{code}\nimport sys\nprint({module!r} in sys.modules)"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-1] == "True"
+    assert module in modules_after(code, cwd=tmp_path)
 
 
 def test_a_worker_boot_leaves_tempfile_out() -> None:
