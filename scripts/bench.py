@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 APPS_DIR = REPO / "scripts" / "bench_apps"
@@ -1314,6 +1314,18 @@ def measure_respawn(v: Variant, args: argparse.Namespace, i: int) -> dict[str, f
     return {"new_pid_s": t_pid, "serving_s": t_ok, "new_worker_served_s": t_new}
 
 
+T = TypeVar("T")
+
+
+def shuffled_rounds(count: int, items: list[T], rng: random.Random) -> Iterator[tuple[int, T]]:
+    """``(round, item)`` for ``count`` rounds, every item once a round, in a new order each."""
+    for i in range(count):
+        order = list(items)
+        rng.shuffle(order)
+        for item in order:
+            yield i, item
+
+
 def run_startup(args: argparse.Namespace, report: dict[str, Any]) -> None:
     """Cold starts, then lone-crash respawns; variants interleaved within each repetition."""
     vs = variants(args.startup_servers, args.installs)
@@ -1343,26 +1355,20 @@ def run_startup(args: argparse.Namespace, report: dict[str, Any]) -> None:
             return None
 
     try:
-        for i in range(args.startup_runs):
-            order = list(vs)
-            rng.shuffle(order)
-            for v in order:
-                started = attempt(v, "start", functools.partial(time_to_first_200, v, args, i))
-                if started is not None:
-                    entries[v.label]["first_200_s"].append(started[0])
-                    entries[v.label]["primary_cpu_s"].append(started[1])
+        for i, v in shuffled_rounds(args.startup_runs, vs, rng):
+            started = attempt(v, "start", functools.partial(time_to_first_200, v, args, i))
+            if started is not None:
+                entries[v.label]["first_200_s"].append(started[0])
+                entries[v.label]["primary_cpu_s"].append(started[1])
         for v in vs:
             log(
                 f"  startup {v.label:32} first 200 median "
                 f"{fmt(ms(med(entries[v.label]['first_200_s'])))} ms"
             )
-        for i in range(args.respawns):
-            order = list(vs)
-            rng.shuffle(order)
-            for v in order:
-                respawn = attempt(v, "respawn", functools.partial(measure_respawn, v, args, i))
-                if respawn is not None:
-                    entries[v.label]["respawns"].append(respawn)
+        for i, v in shuffled_rounds(args.respawns, vs, rng):
+            respawn = attempt(v, "respawn", functools.partial(measure_respawn, v, args, i))
+            if respawn is not None:
+                entries[v.label]["respawns"].append(respawn)
         for v in vs:
             rs = entries[v.label]["respawns"]
             log(

@@ -293,12 +293,6 @@ class WSGIConnection:
         except (TimeoutError, OSError):
             return None
         parser.feed(data)
-        event = parser.next_event()
-        if event is not NEED_DATA:
-            assert isinstance(event, Request)
-            return event
-        if parser.peer_closed:
-            return None
         # The deadline counts from the first bytes (a few microseconds ago).
         return self._read_rest_of_head(time.monotonic() + options.header_timeout)
 

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,19 @@ from forkserve.workers.asgi_guard import (
 from tests.helpers import BODY_LEVEL, INCOMPLETE, INVALID, VALID
 
 
-def options(limits: ParserLimits | None = None) -> GuardOptions:
+def options(
+    limits: ParserLimits | None = None,
+    *,
+    websockets: bool = False,
+    hold: Callable[[Any], None] = lambda inner: None,
+) -> GuardOptions:
     return GuardOptions(
         backend="framing",
         limits=limits or ParserLimits(),
-        websockets=False,
+        websockets=websockets,
         busy=lambda inner: False,
         responding=lambda inner: False,
-        hold=lambda inner: None,
+        hold=hold,
     )
 
 
@@ -105,11 +110,16 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def connect(
-    loop: asyncio.AbstractEventLoop, opts: GuardOptions | None = None, timeout: float = 0.0
-) -> tuple[GuardedConnection, Inner, Transport]:
-    inner = Inner()
+    loop: asyncio.AbstractEventLoop,
+    opts: GuardOptions | None = None,
+    timeout: float = 0.0,
+    inner: Any = None,
+    transport: Any = None,
+) -> tuple[GuardedConnection, Any, Any]:
+    """``inner`` (an ``Inner`` by default) behind the guard over ``transport``."""
+    inner = Inner() if inner is None else inner
     guard = GuardedConnection(inner, opts or options(), GroupedTimers(loop, timeout), Flusher(loop))
-    transport = Transport()
+    transport = Transport() if transport is None else transport
     transport.protocol = guard
     guard.connection_made(transport)  # type: ignore[arg-type]
     return guard, inner, transport
@@ -350,16 +360,8 @@ def test_head_deadlines_close_silent_and_slow_connections_only(
 def test_a_kept_alive_connection_gets_the_deadline_again_for_a_partial_head(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    held = []
-    opts = GuardOptions(
-        backend="framing",
-        limits=ParserLimits(),
-        websockets=False,
-        busy=lambda inner: False,
-        responding=lambda inner: False,
-        hold=held.append,
-    )
-    guard, inner, transport = connect(loop, opts, timeout=0.05)
+    held: list[Any] = []
+    guard, inner, transport = connect(loop, options(hold=held.append), timeout=0.05)
     guard.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     loop.run_until_complete(asyncio.sleep(0.2))
     assert not transport.closing  # idle after a request: uvicorn's keep-alive, not ours
@@ -486,11 +488,7 @@ def test_relay_forwards_everything_unchanged(loop: asyncio.AbstractEventLoop) ->
 def test_an_error_answer_follows_the_responses_kept_before_it(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    inner = Writer()
-    guard = GuardedConnection(inner, options(), GroupedTimers(loop, 0.0), Flusher(loop))
-    transport = Transport()
-    transport.protocol = guard
-    guard.connection_made(transport)  # type: ignore[arg-type]
+    guard, inner, transport = connect(loop, inner=Writer())
     guard.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     inner.respond(b"answered")
     guard.data_received(
@@ -542,10 +540,7 @@ def test_a_write_past_the_limit_with_nothing_kept_goes_at_once(
 def test_a_response_that_never_ends_still_leaves_once_the_loop_turns(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    inner = Writer()
-    guard = GuardedConnection(inner, options(), GroupedTimers(loop, 0.0), Flusher(loop))
-    transport = Transport()
-    guard.connection_made(transport)  # type: ignore[arg-type]
+    guard, inner, transport = connect(loop, inner=Writer())
     guard.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     inner.transport.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
     inner.transport.write(b"5\r\nfirst\r\n")  # and then the application waits forever
@@ -668,19 +663,9 @@ def test_an_upgrade_switches_the_transport_to_the_new_protocol(
         def set_protocol(self, protocol: Any) -> None:
             self.protocol = protocol
 
-    opts = GuardOptions(
-        backend="framing",
-        limits=ParserLimits(),
-        websockets=True,
-        busy=lambda inner: False,
-        responding=lambda inner: False,
-        hold=lambda inner: None,
+    guard, inner, transport = connect(
+        loop, options(websockets=True), inner=Upgrading(), transport=Switchable()
     )
-    inner = Upgrading()
-    guard = GuardedConnection(inner, opts, GroupedTimers(loop, 0.0), Flusher(loop))
-    transport = Switchable()
-    transport.protocol = guard
-    guard.connection_made(transport)  # type: ignore[arg-type]
     head = (
         b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
